@@ -1,0 +1,1 @@
+"""Figures from the outputs folder: reward–cost grids, safety ratios, Elo scatter, training curves."""
