@@ -174,6 +174,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, where) for v in value]
         return tuple(items) if origin is tuple or tp is tuple else items
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        # a dataclass inside a list (e.g. the models of a sweep): checked key by key like the top level
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        node: dict[str, Any] = {}
+        _merge(node, value, tp, where)
+        return _build(tp, node, where)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -102,3 +102,27 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert (cfg.max_steps, cfg.lambda_lr, cfg.lambda_adapt, cfg.stop) == (9, 0.5, False, ["a", "b"])
     with pytest.raises(ConfigError, match="expected an integer"):
         config_from_args(Recipe, parser.parse_args(["--max_steps", "many"]))
+
+
+@dataclass
+class Member:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass
+class Roster:
+    members: list[Member] = field(default_factory=list)
+
+
+def test_list_of_dataclasses_is_built_and_checked(tmp_path):
+    cfg = load_config(Roster, write(tmp_path, "members:\n  - {name: a}\n  - {name: b, weight: 2}\n"))
+    assert cfg.members == [Member("a"), Member("b", 2.0)]
+    with pytest.raises(ConfigError, match=r"unknown key 'wieght'.*did you mean 'weight'"):
+        load_config(Roster, write(tmp_path, "members:\n  - {name: a, wieght: 2}\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of Member fields"):
+        load_config(Roster, write(tmp_path, "members: [a]\n"))
+    with pytest.raises(ConfigError, match="name"):  # a required field left out
+        load_config(Roster, write(tmp_path, "members:\n  - {weight: 2}\n"))
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(Roster, tmp_path / "again.yaml") == cfg

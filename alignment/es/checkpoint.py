@@ -155,3 +155,35 @@ def save_final(run_dir: str | Path, iteration: int, state: dict[str, torch.Tenso
     torch.save(state, tmp)
     os.replace(tmp, out / "pytorch_model.pth")
     return out / "pytorch_model.pth"
+
+
+def load_final(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a ``pytorch_model.pth`` (ours, or the study's ``tmp_iter_N.pth``), on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ES checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
+@torch.no_grad()
+def apply_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy ``state`` into ``model``'s parameters by HF name, in the model's dtype and device.
+
+    Every parameter must be present with its shape (a checkpoint of another architecture must not
+    load half-way). Extra entries that are not parameters, such as a tied ``lm_head.weight``
+    saved beside ``embed_tokens.weight`` or rotary buffers, are ignored.
+    """
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs model {tuple(p.shape)}"
+             for k, p in params.items() if k in state and state[k].shape != p.shape]  # fmt: skip
+    if missing or wrong:
+        raise ValueError(
+            f"{source} does not fit the model: {len(missing)} parameter(s) missing {missing[:5]}, "
+            f"{len(wrong)} with another shape {wrong[:5]}"
+        )
+    for name, param in params.items():
+        param.copy_(state[name])
