@@ -34,36 +34,67 @@ def load_prompts(
     return prompts[:limit] if limit else prompts
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl (one object per line), .json (an array of objects) or .parquet file."""
+    path = Path(path)
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type (use one of {LOCAL_SUFFIXES})")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not JSON: {exc}") from exc
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"{path}: a .json source must hold an array of row objects")
+        return data
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def is_local_source(source: str | Path) -> bool:
+    """A path to a data file (existing, or named like one), as opposed to a hub dataset name."""
+    path = Path(source)
+    return path.suffix in LOCAL_SUFFIXES or path.exists()
+
+
 def load_rows(source: str | Path, config: str | None = None, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a dataset: a local ``.jsonl``/``.json``/``.parquet`` file, else a hub dataset name.
 
     Hub names go through ``datasets.load_dataset(source, name=config, split=split)`` (cached, so
     ``HF_HUB_OFFLINE=1`` works once downloaded); ``config`` and ``split`` do not apply to files.
     """
-    path = Path(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        elif suffix in (".jsonl", ".json"):
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
-        else:
-            raise ValueError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+    if is_local_source(source):
+        rows = read_rows_file(source)
         if not rows:
-            raise ValueError(f"{path} holds no rows")
+            raise ValueError(f"{source}: no rows")
         return rows
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
     import datasets
 
-    return datasets.load_dataset(str(source), name=config, split=split).to_list()
+    try:
+        return datasets.load_dataset(str(source), name=config or None, split=split).to_list()
+    except Exception as exc:  # the hub, the cache and datasets all fail differently; keep the cause
+        raise RuntimeError(
+            f"could not load {source} (config {config}, split {split}) through datasets "
+            f"(offline? give a local file instead): {exc}"
+        ) from exc
