@@ -207,6 +207,8 @@ class ESTrainer:
                 before = evaluate_policy(self.executor, self.client, self.eval_prompts, self.settings)
                 before_path.parent.mkdir(parents=True, exist_ok=True)
                 before_path.write_text(json.dumps(before, indent=2))
+                # step 0 of the eval curves (plot_training_curves, TensorBoard): the policy before ES
+                tracker.log({f"eval/{key}": before[key] for key in ("R_mean", "C_mean", "safe_ratio")}, step=0)
             bar = tqdm(range(start, cfg.num_iterations), desc="ES", initial=start, total=cfg.num_iterations)
             iteration = start - 1
             for iteration in bar:
@@ -226,8 +228,8 @@ class ESTrainer:
             self.checkpoint(iteration)
             save_final(self.run_dir, cfg.num_iterations, self.executor.state_dict())
             after = evaluate_policy(self.executor, self.client, self.eval_prompts, self.settings)
-            for key in ("R_mean", "C_mean", "safe_ratio"):
-                tracker.log({f"eval/{key}": after[key]}, step=cfg.num_iterations)
+            tracker.log({f"eval/{key}": after[key] for key in ("R_mean", "C_mean", "safe_ratio")},
+                        step=cfg.num_iterations)  # fmt: skip
         results = {
             "before": before,
             "after": after,

@@ -179,17 +179,17 @@ def draw_scatter(ax: Any, rewards: Sequence[float], costs: Sequence[float], titl
 
 
 def save_scatter(path: str | Path, rewards: Sequence[float], costs: Sequence[float], title: str) -> Path:
-    """One model's reward–cost scatter as a PNG (matplotlib's Agg backend: no display needed)."""
-    import matplotlib
+    """One model's reward–cost scatter as a PNG (a Figure on the Agg canvas: pyplot's backend, e.g. a
+    notebook's, is left alone), written via a temporary file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    try:
-        draw_scatter(ax, rewards, costs, title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=150)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    fig = Figure(figsize=(5, 4.2))
+    FigureCanvasAgg(fig)
+    draw_scatter(fig.subplots(), rewards, costs, title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=150)
+    os.replace(tmp, path)
+    return path
