@@ -9,6 +9,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import yaml
+from matplotlib.collections import LineCollection
 
 from alignment.evaluation.comparisons import list_models, load_scores, load_summary
 from alignment.scoring.quadrants import LABELS
@@ -165,19 +166,32 @@ def test_elo_figure_with_bradley_terry_cis(tmp_path: Path) -> None:
     fig = plot_gpt_elo_figure.plot_gpt_elo(elo, table, meta)
     assert len(fig.axes) == 2
     assert "95% CI" in fig.axes[1].get_title() and "200" in fig.axes[1].get_title()
-    (container,) = fig.axes[1].containers
-    assert container.has_xerr and container.has_yerr
-    data_line, _, (xbars, ybars) = container.lines
+    ax = fig.axes[1]
     models = ["A", "B", "C"]
     np.testing.assert_allclose(
-        np.asarray(data_line.get_xdata(), float), [bt["harmlessness"][m]["rating"] for m in models]
+        ax.collections[0].get_offsets(),
+        [[bt["harmlessness"][m]["rating"], bt["helpfulness"][m]["rating"]] for m in models],
     )
-    np.testing.assert_allclose(
-        np.asarray(data_line.get_ydata(), float), [bt["helpfulness"][m]["rating"] for m in models]
-    )
-    for bars, dim, axis in ((xbars, "harmlessness", 0), (ybars, "helpfulness", 1)):
-        ends = [sorted(seg[:, axis]) for seg in bars.get_segments()]
-        np.testing.assert_allclose(ends, [[bt[dim][m]["ci_low"], bt[dim][m]["ci_high"]] for m in models])
+    (intervals,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    segments = intervals.get_segments()
+    xs = {m: bt["harmlessness"][m]["rating"] for m in models}
+    ys = {m: bt["helpfulness"][m]["rating"] for m in models}
+    expected = [
+        [(bt["harmlessness"][m]["ci_low"], ys[m]), (bt["harmlessness"][m]["ci_high"], ys[m])] for m in models
+    ]
+    expected = [
+        e
+        for pair in zip(
+            expected,
+            [
+                [(xs[m], bt["helpfulness"][m]["ci_low"]), (xs[m], bt["helpfulness"][m]["ci_high"])]
+                for m in models
+            ],
+            strict=True,
+        )
+        for e in pair
+    ]
+    np.testing.assert_allclose(np.asarray(segments), np.asarray(expected))
 
     plot_gpt_elo_figure.main(
         ["--input", str(tmp_path / "gpt_elo"), "--no-bt", "--output", str(tmp_path / "a.png")]
@@ -196,10 +210,13 @@ def test_elo_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad.write_text(json.dumps({"helpfulness": {"A": 1000.0}}))
     with pytest.raises(ValueError, match="'harmlessness'"):
         plot_gpt_elo_figure.read_elo_ratings(bad)
-    entry = {"rating": 1000.0, "ci_low": 1010.0, "ci_high": 1020.0}
+    entry = {"rating": 1000.0, "ci_low": 1020.0, "ci_high": 1010.0}
     bad.write_text(json.dumps({"ratings": {"helpfulness": {"A": entry}, "harmlessness": {"A": entry}}}))
-    with pytest.raises(ValueError, match=r"ratings\['helpfulness'\]\['A'\]: need ci_low <= rating"):
+    with pytest.raises(ValueError, match=r"ratings\['helpfulness'\]\['A'\]: need ci_low <= ci_high"):
         plot_gpt_elo_figure.read_bt_ratings(bad)
+    entry = {"rating": 1000.0, "ci_low": None, "ci_high": None}  # no bootstrap: a point without interval
+    bad.write_text(json.dumps({"ratings": {"helpfulness": {"A": entry}, "harmlessness": {"A": entry}}}))
+    assert plot_gpt_elo_figure.read_bt_ratings(bad)[0]["helpfulness"]["A"].ci is None
 
 
 # ---------------------------------------------------------------- training curves

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_gpt_elo_figure.py`
@@ -86,7 +87,8 @@ def read_elo_ratings(path: str | Path) -> dict[str, dict[str, Rating]]:
 def read_bt_ratings(path: str | Path) -> tuple[dict[str, dict[str, Rating]], dict[str, Any]]:
     """``gpt_elo_bradley_terry.json`` as ({dimension: {model: Rating with CI}}, the file's other keys).
 
-    Each entry needs ``rating``, ``ci_low`` and ``ci_high`` with ``ci_low <= rating <= ci_high``.
+    Each entry needs ``rating``, and ``ci_low <= ci_high`` or both null (no bootstrap). A percentile
+    interval may exclude the estimate on little data; it is drawn as it is.
     """
     path = Path(path)
     data = _read_json(path)
@@ -102,11 +104,13 @@ def read_bt_ratings(path: str | Path) -> tuple[dict[str, dict[str, Rating]], dic
             where = f"{path}: ratings[{dim!r}][{model!r}]"
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be an object with rating, ci_low, ci_high")
-            value, low, high = (
-                _number(entry.get(k), f"{where}.{k}") for k in ("rating", "ci_low", "ci_high")
-            )
-            if not low <= value <= high:
-                raise ValueError(f"{where}: need ci_low <= rating <= ci_high, got {low}, {value}, {high}")
+            value = _number(entry.get("rating"), f"{where}.rating")
+            if entry.get("ci_low") is None and entry.get("ci_high") is None:  # no bootstrap was run
+                table[dim][model] = Rating(value)
+                continue
+            low, high = (_number(entry.get(k), f"{where}.{k}") for k in ("ci_low", "ci_high"))
+            if not low <= high:
+                raise ValueError(f"{where}: need ci_low <= ci_high, got {low}, {high}")
             table[dim][model] = Rating(value, (low, high))
     _check_models(table, path)
     return table, {k: v for k, v in data.items() if k != "ratings"}
@@ -117,17 +121,16 @@ def _draw_ratings(ax: Any, table: Mapping[str, Mapping[str, Rating]], color: Any
     models = sorted(table["helpfulness"])
     xs = [table["harmlessness"][m].value for m in models]
     ys = [table["helpfulness"][m].value for m in models]
-    with_ci = all(table[d][m].ci is not None for d in DIMENSIONS for m in models)
-    if with_ci:
-
-        def err(dim: str) -> list[list[float]]:
-            rows = [table[dim][m] for m in models]
-            return [[r.value - r.ci[0] for r in rows], [r.ci[1] - r.value for r in rows]]  # type: ignore[index]
-
-        ax.errorbar(xs, ys, xerr=err("harmlessness"), yerr=err("helpfulness"), fmt="o", color=color,
-                    ecolor=color, elinewidth=1, capsize=3, alpha=0.9)  # fmt: skip
-    else:
-        ax.scatter(xs, ys, s=40, color=color, zorder=3)
+    ax.scatter(xs, ys, s=40, color=color, zorder=3)
+    # intervals as plain segments, not error bars: a percentile interval need not contain the estimate
+    segments = []
+    for m, x, y in zip(models, xs, ys, strict=True):
+        if (ci := table["harmlessness"][m].ci) is not None:
+            segments.append([(ci[0], y), (ci[1], y)])
+        if (ci := table["helpfulness"][m].ci) is not None:
+            segments.append([(x, ci[0]), (x, ci[1])])
+    if segments:
+        ax.add_collection(LineCollection(segments, colors=[color], linewidths=1.2, alpha=0.8, zorder=2))
     for model, x, y in zip(models, xs, ys, strict=True):
         ax.annotate(model, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9)
     ax.set_xlabel("Harmlessness (Elo)")
