@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from alignment.data import iter_jsonl
+
 logger = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -190,20 +192,7 @@ class Tracker:
 
 def read_jsonl_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Read a metrics JSONL file; a truncated last line (crash mid-write) is skipped with a warning."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                logger.warning("%s: skipping truncated last line %d: %r", path, number, line[:80])
-                break
-            raise ValueError(f"{path}:{number}: corrupt metrics line: {exc}") from exc
-    return records
+    return [row for _, row in iter_jsonl(path, drop_torn_tail=True)]
 
 
 def read_tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -5,9 +5,35 @@ reads a dataset by hub name or from a local jsonl/parquet file."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def iter_jsonl(path: str | Path, drop_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a jsonl file; a bad line raises naming file:line.
+
+    ``drop_torn_tail``: a last line that is not JSON and has no newline after it was cut short by a
+    crash while appending; it is skipped with a warning instead (append-only logs).
+    """
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if drop_torn_tail and number == len(lines):
+                logger.warning("%s:%d: dropping a truncated last line (%d chars)", path, number, len(line))
+                continue
+            raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
 
 
 def load_prompts(
@@ -18,17 +44,10 @@ def load_prompts(
         prompts = list(default)
     else:
         prompts = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
-                if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{n} has no string field {key!r} (set prompt_key)")
-                prompts.append(row[key])
+        for n, row in iter_jsonl(path):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{path}:{n} has no string field {key!r} (set prompt_key)")
+            prompts.append(row[key])
         if not prompts:
             raise ValueError(f"{path} holds no prompts")
     return prompts[:limit] if limit else prompts
@@ -57,19 +76,7 @@ def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: a .json source must hold an array of row objects")
         return data
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def is_local_source(source: str | Path) -> bool:

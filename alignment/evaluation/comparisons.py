@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from alignment.data import iter_jsonl
 from alignment.scoring.quadrants import LABELS, quadrant_labels, summarize
 
 POINTS_SUFFIX = "_points.jsonl"
@@ -60,24 +61,17 @@ def read_points(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``_points.jsonl`` file, checked: each has prompt, response and finite reward/cost."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
-            missing = [k for k in POINT_KEYS if k not in row]
-            if missing:
-                raise ValueError(
-                    f"{path}:{number}: missing field(s) {missing} (a points row needs {list(POINT_KEYS)})"
-                )
-            for key in ("reward", "cost"):
-                value = row[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError(f"{path}:{number}: {key} must be a finite number, got {value!r}")
-            rows.append(row)
+    for number, row in iter_jsonl(path):
+        missing = [k for k in POINT_KEYS if k not in row]
+        if missing:
+            raise ValueError(
+                f"{path}:{number}: missing field(s) {missing} (a points row needs {list(POINT_KEYS)})"
+            )
+        for key in ("reward", "cost"):
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{path}:{number}: {key} must be a finite number, got {value!r}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no points")
     return rows

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
+from alignment.data import iter_jsonl
+
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = ("helpfulness", "harmlessness")
@@ -258,22 +260,7 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
 def read_judgments(path: str | Path) -> list[dict[str, Any]]:
     """The judgment rows of a jsonl file (checked); an unparseable LAST line without a newline (a
     crash mid-write) is dropped with a warning, any other bad line raises naming file and line."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):  # no newline after it: the write was cut short
-                logger.warning("%s:%d: dropping a truncated last line (%d chars)", path, number, len(line))
-                continue
-            raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
-        rows.append(_check_row(row, f"{path}:{number}"))
-    return rows
+    return [_check_row(row, f"{path}:{number}") for number, row in iter_jsonl(path, drop_torn_tail=True)]
 
 
 def prepare_for_append(path: Path) -> None:
