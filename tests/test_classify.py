@@ -214,7 +214,7 @@ def test_runner_script_with_plain_bash(toy_models, prompts_file, scorer, tmp_pat
         f"scatter: false\nmodels:\n  - {{name: Toy-base, model: {toy_models / 'policy'}}}\n"
     )
     env = {**os.environ, "SWEEP_CONFIG": str(sweep), "OUTPUT_DIR": str(tmp_path / "out"),
-           "SCORER_ADDRESS_FILE": str(scorer.address_file), "SCORER_WAIT_S": "30"}  # fmt: skip
+           "SCORER_ADDRESS_FILE": str(scorer.address_file), "SCORER_WAIT_S": "30", "PLOTS": "0"}  # fmt: skip
     script = "alignment/evaluation/classify_reward_cost_unified.sh"
     proc = subprocess.run(["bash", script, "--max_prompts", "3"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
@@ -222,10 +222,13 @@ def test_runner_script_with_plain_bash(toy_models, prompts_file, scorer, tmp_pat
     assert "Toy-base: safe" in proc.stdout
     assert len(read_points(tmp_path / "out" / "Toy-base_points.jsonl")) == 3
 
-    env.update(FROM_POINTS=str(tmp_path / "out"), OUTPUT_DIR=str(tmp_path / "rebuilt"))
+    assert not (tmp_path / "out" / "model_safety_ratios.png").exists()
+    env.update(FROM_POINTS=str(tmp_path / "out"), OUTPUT_DIR=str(tmp_path / "rebuilt"), PLOTS="1")
     proc = subprocess.run(["bash", script, "--no_scatter"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in ("reward_cost_scatter_grid.png", "model_safety_ratios.png"):
+        assert (tmp_path / "rebuilt" / figure).stat().st_size > 10_000, figure
     assert (tmp_path / "rebuilt" / "Toy-base_summary.json").read_text() == (
         tmp_path / "out" / "Toy-base_summary.json"
     ).read_text()

@@ -262,7 +262,7 @@ def test_shell_script_with_plain_bash(points_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "POINTS_DIR": str(points_dir),
            "MODELS": " ".join(MODELS), "OUTPUT_DIR": str(out), "JUDGE_MODEL": "judge-test",
            "API_KEY_ENV": KEY_ENV, "NUM_PROMPTS": "3", "CONCURRENCY": "3",
-           "EXTRA_ARGS": "--bt-bootstrap 20 --retry-initial-wait 0.01"}  # fmt: skip
+           "EXTRA_ARGS": "--bt-bootstrap 20 --retry-initial-wait 0.01", "PLOTS": "0"}  # fmt: skip
     env.pop("SLURM_SUBMIT_DIR", None)
     with JudgeServer() as server:
         env["BASE_URL"] = server.url
@@ -273,9 +273,12 @@ def test_shell_script_with_plain_bash(points_dir: Path, tmp_path: Path) -> None:
     assert "judge=judge-test" in proc.stderr and "seq. Elo" in proc.stderr and "ratings: " in proc.stdout
     _check_complete(read_judgments(out / "gpt_judgments.jsonl"))
     ratings = json.loads((out / "gpt_elo_ratings.json").read_text())
+    assert not (out / "gpt_elo_scatter.png").exists()
     env.update(
-        RATINGS_ONLY="1", OUTPUT_DIR=str(tmp_path / "again"), JUDGMENTS=str(out / "gpt_judgments.jsonl")
+        RATINGS_ONLY="1", OUTPUT_DIR=str(tmp_path / "again"), JUDGMENTS=str(out / "gpt_judgments.jsonl"),
+        PLOTS="1",
     )
     proc = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "gpt_elo_ratings.json").read_text()) == ratings
+    assert (tmp_path / "again" / "gpt_elo_scatter.png").stat().st_size > 10_000  # the runner's figure

@@ -241,3 +241,33 @@ def test_es_run_on_vllm_engines_through_ray_completes(toy_models, scorer, tmp_pa
     assert [e.iteration for e in ReplayLog(run_dir / "replay.jsonl").read()] == [0, 1, 2]
     assert results["after"]["num_points"] == 6
     assert (run_dir / "model_saves" / "final_model_iteration_3" / "pytorch_model.pth").is_file()
+
+
+def test_classification_policy_on_vllm_matches_transformers_with_an_es_checkpoint(
+    toy_models, tmp_path, monkeypatch
+) -> None:
+    """The evaluation's vLLM path: an ES ``pytorch_model.pth`` on the base answers as on transformers."""
+    pytest.importorskip("vllm", reason="needs vLLM (scripts/setup_vllm_env.sh on CPU)")
+    from transformers import AutoModelForCausalLM
+
+    from alignment.es.checkpoint import save_final
+    from alignment.evaluation.classify_reward_cost_unified import load_policy
+    from alignment.evaluation.sweep import SweepConfig, SweepModel
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    policy = str(toy_models / "policy")
+    gen = torch.Generator().manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(policy)
+    moved = {k: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for k, p in base.named_parameters()}
+    checkpoint = save_final(tmp_path, 1, moved)
+    prompts = list(TOY_EVAL_PROMPTS[:6])
+    answers = {}
+    for name, backend, pth in (("base", "transformers", None), ("tf", "transformers", checkpoint),
+                               ("vllm", "vllm", checkpoint)):  # fmt: skip
+        spec = SweepModel("M", policy, es_checkpoint=str(pth) if pth else None)
+        cfg = SweepConfig(models=[spec], backend=backend, device="cpu", dtype="fp32", max_new_tokens=16)
+        generate, release = load_policy(spec, cfg)
+        answers[name] = generate(prompts)
+        release()
+    assert answers["vllm"] == answers["tf"]
+    assert answers["tf"] != answers["base"], "the checkpoint did not change the policy"

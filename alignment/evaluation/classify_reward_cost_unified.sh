@@ -21,6 +21,8 @@
 #   SCORER_WAIT_S=1800                             how long to wait for a healthy scorer
 #   FROM_POINTS=""                                 rebuild outputs from this folder's *_points.jsonl
 #                                                  only (no scorer, no generation, no GPU)
+#   PLOTS=1                                        1: then draw reward_cost_scatter_grid.png and
+#                                                  model_safety_ratios.png of every model in OUTPUT_DIR
 #   EXTRA_ARGS=""                                  space-separated extra flags
 #   PYTHON=.venv/bin/python (else python3)
 #
@@ -57,17 +59,26 @@ fi
 SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
 SCORER_WAIT_S="${SCORER_WAIT_S:-1800}"
 FROM_POINTS="${FROM_POINTS:-}"
+PLOTS="${PLOTS:-1}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
 read -r -a extra <<<"${EXTRA_ARGS}"
 cli=("${python_bin}" -m alignment.evaluation.classify_reward_cost_unified)
+
+draw_figures() {
+    [[ "${PLOTS}" == "1" ]] || return 0
+    "${python_bin}" -m alignment.visualization.plot_reward_cost_grid --input "${OUTPUT_DIR}"
+    "${python_bin}" -m alignment.visualization.plot_safety_ratios --input "${OUTPUT_DIR}"
+}
 
 if [[ -n "${FROM_POINTS}" ]]; then
     read -r -a only <<<"${MODELS}"
     args=(--from-points "${FROM_POINTS}" --output-dir "${OUTPUT_DIR}")
     ((${#only[@]} == 0)) || args+=(--only "${only[@]}")
     log "rebuilding outputs in ${OUTPUT_DIR} from ${FROM_POINTS}"
-    exec "${cli[@]}" "${args[@]}" "${extra[@]}" "$@"
+    "${cli[@]}" "${args[@]}" "${extra[@]}" "$@"
+    draw_figures
+    exit 0
 fi
 
 args=(
@@ -89,4 +100,5 @@ for name in "${names[@]}"; do
     log "classifying ${name}"
     "${cli[@]}" "${args[@]}" --only "${name}"
 done
+draw_figures
 log "done: outputs in ${OUTPUT_DIR}"

@@ -28,6 +28,7 @@
 #   BASELINE=Alpaca-7B                               rated 1000 in every table
 #   RATINGS_ONLY=0                                   1: recompute ratings from JUDGMENTS only
 #   JUDGMENTS=""                                     judgments jsonl; empty: OUTPUT_DIR's
+#   PLOTS=1                                          1: then draw gpt_elo_scatter.png in OUTPUT_DIR
 #   EXTRA_ARGS=""                                    space-separated extra flags
 #   PYTHON=.venv/bin/python (else python3)
 #
@@ -69,6 +70,7 @@ MAX_RETRIES="${MAX_RETRIES:-6}"
 BASELINE="${BASELINE:-Alpaca-7B}"
 RATINGS_ONLY="${RATINGS_ONLY:-0}"
 JUDGMENTS="${JUDGMENTS:-}"
+PLOTS="${PLOTS:-1}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
 read -r -a extra <<<"${EXTRA_ARGS}"
@@ -93,4 +95,8 @@ args+=("${extra[@]}" "$@")
 mkdir -p "${OUTPUT_DIR}"
 cmd=("${python_bin}" -m alignment.evaluation.gpt_elo_eval "${args[@]}")
 log "running: ${cmd[*]}"
-exec "${cmd[@]}"
+"${cmd[@]}"
+# a --limit run stops before the ratings: nothing to draw yet
+if [[ "${PLOTS}" == "1" && -f "${OUTPUT_DIR}/gpt_elo_ratings.json" ]]; then
+    "${python_bin}" -m alignment.visualization.plot_gpt_elo_figure --input "${OUTPUT_DIR}"
+fi
