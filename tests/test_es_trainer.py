@@ -50,7 +50,8 @@ def test_toy_objective_improves_and_outputs_are_written(toy_models, scorer, tmp_
     assert (run_dir / "model_saves" / "final_model_iteration_8" / "pytorch_model.pth").is_file()
     assert len(ReplayLog(run_dir / "replay.jsonl").read()) == 8
     lines = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert {"train/reward_mean", "lambda/value", "time/generation", "time/scoring_wait"} <= set(lines[0])
+    assert lines[0]["step"] == 0 and lines[0]["eval/C_mean"] == before["C_mean"]
+    assert {"train/reward_mean", "lambda/value", "time/generation", "time/scoring_wait"} <= set(lines[1])
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "logs").iterdir())
 
 
