@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -223,16 +224,18 @@ def test_missing_baseline_fails_before_any_request(points_dir: Path, tmp_path: P
     assert "baseline 'Alpaca-7B' is not among the models ['Model-B', 'Model-C']" in capsys.readouterr().err
 
 
-def test_rate_limit_spaces_requests(points_dir: Path, tmp_path: Path) -> None:
+def test_rate_limit_reaches_the_requests(points_dir: Path, tmp_path: Path) -> None:
+    # Exact spacing is tested on RateLimiter with a fake clock; end to end only a lower bound is
+    # robust on a loaded machine: 6 starts at 600 per minute cannot all begin within 0.5 s.
     with JudgeServer() as server:
         args = _args(
             server, points_dir, tmp_path / "elo", "--num-prompts", "1", "--max-requests-per-minute", "600"
         )
+        start = time.monotonic()
         assert main([*args, "--bt-bootstrap", "0"]) == 0
-        times = sorted(r.time for r in server.requests)
-    assert len(times) == 6
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert min(gaps) > 0.08, gaps  # 600 per minute: 0.1 s apart, despite 4 in flight
+        elapsed = time.monotonic() - start
+        assert server.count() == 6
+    assert elapsed >= 0.5, elapsed
 
 
 def test_ratings_only_reproduces_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
