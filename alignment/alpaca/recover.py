@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from alignment.alpaca.checkpoint_io import CheckpointReader, ShardedSafetensorsWriter, resolve_model_dir
+from alignment.atomic import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -207,22 +208,12 @@ def _output_dtype(name: str) -> torch.dtype:
 
 
 def _staging_dir(output: Path) -> Path:
-    """A fresh hidden sibling of ``output`` to write into (renamed by :func:`_publish`)."""
+    """A fresh hidden sibling of ``output`` to write into (swapped in by :func:`alignment.atomic.replace_dir`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move the finished folder to ``output`` (replacing an old one only now that the new is whole)."""
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    if output.exists():
-        os.replace(output, old)
-    os.replace(staging, output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _recover_tensors(
@@ -316,7 +307,7 @@ def recover(cfg: RecoverConfig) -> RecoveryResult:
             )
         shards = writer.finish()
         _save_metadata(staging, base_dir, tokenizer, vocab_rows, dtype)
-        _publish(staging, output)
+        replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignment.atomic import replace_dir
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_hf"
@@ -94,16 +96,6 @@ def replay_updates(engine: Any, entries: Iterable[ReplayEntry]) -> int:
     return last
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap ``tmp`` into ``final``; a crash leaves either the old or the new folder complete."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_latest(
     run_dir: str | Path,
     state: dict[str, torch.Tensor],
@@ -125,7 +117,7 @@ def save_latest(
     )
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
     final = saves / LATEST
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from alignment.atomic import write_text
 from alignment.data import iter_jsonl
 from alignment.scoring.quadrants import LABELS, quadrant_labels, summarize
 
@@ -39,16 +40,6 @@ def list_models(directory: str | Path, suffix: str = POINTS_SUFFIX) -> list[str]
     if not directory.is_dir():
         raise FileNotFoundError(f"no such outputs folder: {directory}")
     return sorted(p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}") if p.is_file())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file under ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -108,7 +99,7 @@ def write_model_outputs(
         {"prompt": p["prompt"], "response": p["response"], "reward": r, "cost": c, "label": lab}
         for p, r, c, lab in zip(points, rewards, costs, labels, strict=True)
     ]
-    atomic_write_text(
+    write_text(
         model_file(out, model, POINTS_SUFFIX), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
     _atomic_save_npy(model_file(out, model, "_Rs.npy"), np.asarray(rewards, dtype=np.float32))
@@ -116,7 +107,7 @@ def write_model_outputs(
     _atomic_save_npy(model_file(out, model, "_labels.npy"), np.asarray(labels, dtype="<U2"))
     summary = summarize(rewards, costs)
     summary.update({k: v for k, v in (metadata or {}).items() if k not in STAT_KEYS})
-    atomic_write_text(model_file(out, model, "_summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(model_file(out, model, "_summary.json"), json.dumps(summary, indent=2) + "\n")
     if scatter:
         save_scatter(model_file(out, model, "_scatter.png"), rewards, costs, title=model)
     return summary

@@ -40,9 +40,9 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
+from alignment.atomic import write_text
 from alignment.evaluation.comparisons import (
     POINTS_SUFFIX,
-    atomic_write_text,
     list_models,
     model_file,
     read_points,
@@ -197,15 +197,15 @@ def write_ratings(
         raise ValueError("no judgments to rate")
     out_dir.mkdir(parents=True, exist_ok=True)
     elo = elo_ratings(rows, models, elo_config)
-    atomic_write_text(out_dir / RATINGS_FILE, json.dumps(elo, indent=2) + "\n")
+    write_text(out_dir / RATINGS_FILE, json.dumps(elo, indent=2) + "\n")
     bt = bradley_terry_report(rows, models, bt_config)
-    atomic_write_text(out_dir / BT_FILE, json.dumps(bt, indent=2) + "\n")
+    write_text(out_dir / BT_FILE, json.dumps(bt, indent=2) + "\n")
     table = comparison_rows(elo, bt, rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
-    atomic_write_text(out_dir / COMPARISON_FILE, buffer.getvalue())
+    write_text(out_dir / COMPARISON_FILE, buffer.getvalue())
     logger.info("sequential Elo vs Bradley–Terry:\n%s", format_comparison(table, bt_config.ci))
     return table
 

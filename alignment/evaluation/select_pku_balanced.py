@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignment.atomic import write_text
 from alignment.data import is_local_source, load_rows
-from alignment.evaluation.comparisons import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def write_selection(selection: Selection, out_dir: str | Path = DATA_DIR) -> dic
         out / full_stats_name(selection.config): json.dumps(selection.full_stats, indent=2),
     }
     for path, text in texts.items():
-        atomic_write_text(path, text)
+        write_text(path, text)
     return dict(zip(("train", "eval", "train_stats", "eval_stats", "full_stats"), texts, strict=True))
 
 

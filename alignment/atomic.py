@@ -1,0 +1,39 @@
+"""Writes that a crash cannot leave half done: the one home of write-to-temporary-then-rename.
+
+A reader (a resumed run, a plot, a user) sees either the old complete file or folder or the new
+one, never a torn one; ``os.replace`` is atomic within one file system, so the temporary sits
+beside its target.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a fsynced hidden sibling and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Swap the finished folder ``tmp`` into ``final``; a crash leaves either the old or the new one whole.
+
+    The old folder is renamed aside first (a folder cannot be replaced by rename while it has
+    contents) and removed only once the new one is in place.
+    """
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f"{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,28 @@
+"""Crash-safe writes: the temporary never shows under the final name, an old folder survives until swapped."""
+
+from __future__ import annotations
+
+from alignment.atomic import replace_dir, write_text
+
+
+def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    write_text(path, "old")
+    write_text(path, "new")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_replace_dir_swaps_in_the_new_folder_and_drops_the_old(tmp_path):
+    final, staging = tmp_path / "model", tmp_path / ".model.partial"
+    final.mkdir()
+    (final / "weights").write_text("v1")
+    staging.mkdir()
+    (staging / "weights").write_text("v2")
+    replace_dir(staging, final)
+    assert (final / "weights").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    staging.mkdir()  # first publication: nothing to move aside
+    (staging / "weights").write_text("v3")
+    replace_dir(staging, tmp_path / "other")
+    assert (tmp_path / "other" / "weights").read_text() == "v3"
