@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from alignment.data import iter_jsonl
+from alignment.data import iter_jsonl, repair_jsonl_tail
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Tracker:
         self._wandb = wandb_module
         self._wandb_run: Any = None
         self._writer = SummaryWriter(str(self.log_dir))
-        self._drop_partial_last_line()
+        repair_jsonl_tail(self.jsonl_path)  # a crash may have cut the last line
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
 
         config_dict = dict(config) if config is not None else None
@@ -107,17 +107,6 @@ class Tracker:
                 config=json.loads(json.dumps(config_dict, default=str)) if config_dict else None,
             )
         logger.info("Tracking to %s (view with: tensorboard --logdir %s)", self.log_dir, self.log_dir)
-
-    def _drop_partial_last_line(self) -> None:
-        """Cut a line left half-written by a crash, so resumed appends start on a clean line."""
-        if not self.jsonl_path.exists():
-            return
-        data = self.jsonl_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            logger.warning("%s: dropping a truncated last line before appending", self.jsonl_path)
-            with self.jsonl_path.open("r+b") as f:
-                f.truncate(keep)
 
     def _check_open(self) -> None:
         if self._closed:

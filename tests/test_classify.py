@@ -103,7 +103,7 @@ def test_crash_mid_model_keeps_responses_and_resumes(toy_models, prompts_file, s
             classify_model(spec, cfg, prompts, client, generate=crashing)
         partial = tmp_path / "out" / ".Toy-base.partial.jsonl"
         fingerprint = generation_fingerprint(cfg, spec, prompts)
-        assert read_partial(partial, fingerprint)[0] == [f"answer to {p}" for p in prompts[:2]]
+        assert read_partial(partial, fingerprint) == [f"answer to {p}" for p in prompts[:2]]
         with open(partial, "ab") as fh:  # a crash while writing the next line
             fh.write(b'{"i": 2, "respo')
         calls.clear()
@@ -138,7 +138,7 @@ def test_scorer_outage_keeps_generated_responses(toy_models, prompts_file, tmp_p
         pytest.raises(ScorerUnavailableError),
     ):
         classify_model(spec, cfg, prompts, dead, generate=lambda c: [p[::-1] for p in c])
-    kept, _ = read_partial(
+    kept = read_partial(
         tmp_path / "out" / ".Toy-base.partial.jsonl", generation_fingerprint(cfg, spec, prompts)
     )
     assert kept == [p[::-1] for p in prompts]

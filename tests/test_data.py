@@ -38,3 +38,17 @@ def test_torn_last_line_is_dropped_only_when_asked_and_only_at_the_end(tmp_path)
     path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')  # a bad line in the middle is corruption, not a crash
     with pytest.raises(ValueError, match=r"log\.jsonl:2: not JSON"):
         list(iter_jsonl(path, drop_torn_tail=True))
+
+
+def test_repair_jsonl_tail_before_appending(tmp_path):
+    from alignment.data import repair_jsonl_tail
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}')  # whole row, newline lost: kept
+    repair_jsonl_tail(path)
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    path.write_text('{"a": 1}\n{"a": ')  # cut mid-row: removed
+    repair_jsonl_tail(path)
+    assert path.read_text() == '{"a": 1}\n'
+    repair_jsonl_tail(tmp_path / "absent.jsonl")  # nothing to repair
+    assert not (tmp_path / "absent.jsonl").exists()

@@ -36,6 +36,28 @@ def iter_jsonl(path: str | Path, drop_torn_tail: bool = False) -> Iterator[tuple
         yield number, row
 
 
+def repair_jsonl_tail(path: str | Path) -> None:
+    """Before appending to a jsonl log: a last line cut short by a crash (no newline, not JSON) is
+    removed, and one that is whole JSON but lost its newline gets it back, so the next row starts on
+    a line of its own."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    tail_start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[tail_start:])
+    except json.JSONDecodeError:
+        logger.warning("%s: dropping a truncated last line before appending", path)
+        with open(path, "r+b") as fh:
+            fh.truncate(tail_start)
+        return
+    with open(path, "ab") as fh:
+        fh.write(b"\n")
+
+
 def load_prompts(
     path: str | Path | None, key: str = "prompt", default: Sequence[str] = (), limit: int | None = None
 ) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignment.config import add_dataclass_args, config_from_args
-from alignment.data import load_rows
+from alignment.data import iter_jsonl, load_rows, repair_jsonl_tail
 from alignment.evaluation.comparisons import (
     POINTS_SUFFIX,
     list_models,
@@ -123,49 +123,31 @@ def _partial_path(out_dir: Path, name: str) -> Path:
     return out_dir / f".{name}.partial.jsonl"
 
 
-def read_partial(path: Path, fingerprint: str) -> tuple[list[str], int]:
-    """(responses already generated under ``fingerprint``, bytes of the file that hold them).
-
-    A last line without its newline was torn by a crash mid-write: it is not counted, and the
-    caller truncates the file to the returned length before appending.
-    """
+def read_partial(path: Path, fingerprint: str) -> list[str]:
+    """Responses already generated under ``fingerprint`` (a line torn by a crash mid-write is not counted)."""
     if not path.is_file():
-        return [], 0
-    *complete, torn = path.read_bytes().split(b"\n")
-    if torn:
-        logger.warning("%s: dropping a torn last line (crash while writing)", path)
-    if not complete:
-        return [], 0
-    try:
-        header = json.loads(complete[0])
-    except json.JSONDecodeError:
-        header = {}
-    if header.get("fingerprint") != fingerprint:
+        return []
+    rows = [row for _, row in iter_jsonl(path, drop_torn_tail=True)]
+    if not rows:
+        return []
+    if rows[0].get("fingerprint") != fingerprint:
         raise RuntimeError(
-            f"{path} holds responses generated with other settings (fingerprint {header.get('fingerprint')!r}, "
+            f"{path} holds responses generated with other settings (fingerprint {rows[0].get('fingerprint')!r}, "
             f"now {fingerprint!r}); delete it to start this model again"
         )
     responses: list[str] = []
-    for number, line in enumerate(complete[1:], start=2):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path}:{number}: corrupt line ({exc}); delete the file to regenerate"
-            ) from None
+    for row in rows[1:]:
         if row.get("i") != len(responses) or not isinstance(row.get("response"), str):
-            raise ValueError(
-                f"{path}:{number}: expected the response to prompt {len(responses)}, got {line[:80]!r}"
-            )
+            raise ValueError(f"{path}: expected the response to prompt {len(responses)}, got {str(row)[:80]}")
         responses.append(row["response"])
-    return responses, sum(len(line) + 1 for line in complete)
+    return responses
 
 
 def generate_resumable(
     name: str, prompts: list[str], generate: Generate | None, partial: Path, fingerprint: str, save_every: int
 ) -> list[str]:
     """All responses, continuing from ``partial`` and appending each chunk (fsynced) as it is done."""
-    responses, good_bytes = read_partial(partial, fingerprint)
+    responses = read_partial(partial, fingerprint)
     if len(responses) > len(prompts):
         raise RuntimeError(f"{partial} has {len(responses)} responses for {len(prompts)} prompts")
     if len(responses) == len(prompts):
@@ -176,19 +158,18 @@ def generate_resumable(
         )
     if responses:
         logger.info("%s: resuming after %d/%d generated responses", name, len(responses), len(prompts))
-    with open(partial, "a+b") as fh:
-        fh.truncate(good_bytes)
-        if good_bytes == 0:
-            fh.write((json.dumps({"fingerprint": fingerprint, "model": name}) + "\n").encode())
+    repair_jsonl_tail(partial)
+    with open(partial, "a", encoding="utf-8") as fh:
+        if fh.tell() == 0:
+            fh.write(json.dumps({"fingerprint": fingerprint, "model": name}) + "\n")
         with tqdm(total=len(prompts), initial=len(responses), desc=f"generate {name}", unit="prompt") as bar:
             while len(responses) < len(prompts):
                 chunk = prompts[len(responses) : len(responses) + save_every]
                 answers = generate(chunk)
                 if len(answers) != len(chunk):
                     raise RuntimeError(f"{name}: {len(answers)} responses for {len(chunk)} prompts")
-                lines = [json.dumps({"i": len(responses) + k, "response": a}, ensure_ascii=False) + "\n"
-                         for k, a in enumerate(answers)]  # fmt: skip
-                fh.write("".join(lines).encode())
+                fh.write("".join(json.dumps({"i": len(responses) + k, "response": a}, ensure_ascii=False) + "\n"
+                                 for k, a in enumerate(answers)))  # fmt: skip
                 fh.flush()
                 os.fsync(fh.fileno())
                 responses += answers
@@ -224,7 +205,7 @@ def classify_model(
     if overwrite:
         partial.unlink(missing_ok=True)
     generator, release = generate, None
-    if generator is None and len(read_partial(partial, fingerprint)[0]) < len(prompts):
+    if generator is None and len(read_partial(partial, fingerprint)) < len(prompts):
         generator, release = load_policy(spec, cfg)
     try:
         responses = generate_resumable(spec.name, prompts, generator, partial, fingerprint, cfg.save_every)

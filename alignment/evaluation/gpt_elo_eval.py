@@ -41,6 +41,7 @@ import openai
 from tqdm import tqdm
 
 from alignment.atomic import write_text
+from alignment.data import repair_jsonl_tail
 from alignment.evaluation.comparisons import (
     POINTS_SUFFIX,
     list_models,
@@ -60,7 +61,6 @@ from alignment.evaluation.judge import (
     DIMENSIONS,
     Judge,
     JudgeConfig,
-    prepare_for_append,
     read_judgments,
     run_concurrently,
 )
@@ -165,7 +165,7 @@ def judge_tasks(tasks: Sequence[Task], judge: Judge, path: Path, concurrency: in
         return judge.judge(task.dimension, task.question, task.answer_a, task.answer_b)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    prepare_for_append(path)
+    repair_jsonl_tail(path)
     written = unparsed = 0
     with open(path, "a", encoding="utf-8") as fh, tqdm(total=len(tasks), desc="judging", unit="pair") as bar:
         for task, (raw, scores) in run_concurrently(call, tasks, concurrency):

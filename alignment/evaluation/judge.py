@@ -13,7 +13,6 @@ project, ``judge_model``; :func:`read_judgments` reads it, tolerating a line cut
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -261,23 +260,6 @@ def read_judgments(path: str | Path) -> list[dict[str, Any]]:
     """The judgment rows of a jsonl file (checked); an unparseable LAST line without a newline (a
     crash mid-write) is dropped with a warning, any other bad line raises naming file and line."""
     return [_check_row(row, f"{path}:{number}") for number, row in iter_jsonl(path, drop_torn_tail=True)]
-
-
-def prepare_for_append(path: Path) -> None:
-    """Cut a truncated last line (no newline) so appended rows start on a line of their own."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        tail_start = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[tail_start:])
-        except json.JSONDecodeError:
-            with open(path, "r+b") as fh:
-                fh.truncate(tail_start)
-            return
-        with open(path, "ab") as fh:  # a complete row that only lost its newline: keep it
-            fh.write(b"\n")
 
 
 T = TypeVar("T")
