@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -27,6 +28,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
+
+
+def finite_number(value: Any, where: str) -> float:
+    """``value`` as a float when it is a real, finite number (not a bool, not NaN/inf), else a
+    ValueError saying ``{where} must be a finite number``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from alignment.config import finite_number
+
 logger = logging.getLogger(__name__)
 
 Rule = Literal["ema_log", "ppo_lag"]
@@ -63,9 +65,7 @@ class LagrangeConfig:
             "lambda_max",
             "jc_ema_beta",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            finite_number(getattr(self, name), name)
         if self.rule not in _RULES:
             raise ValueError(f"rule must be one of {_RULES}, got {self.rule!r}")
         if not self.lambda_min > 0:

@@ -12,7 +12,6 @@ For each model ``M`` the folder holds (the published study's layout, see ../shar
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from alignment.atomic import write_text
+from alignment.config import finite_number
 from alignment.data import iter_jsonl
 from alignment.scoring.quadrants import LABELS, quadrant_labels, summarize
 
@@ -59,9 +59,7 @@ def read_points(path: str | Path) -> list[dict[str, Any]]:
                 f"{path}:{number}: missing field(s) {missing} (a points row needs {list(POINT_KEYS)})"
             )
         for key in ("reward", "cost"):
-            value = row[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{path}:{number}: {key} must be a finite number, got {value!r}")
+            finite_number(row[key], f"{path}:{number}: {key}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no points")

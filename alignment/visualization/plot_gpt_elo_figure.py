@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_gpt_elo_figure.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment.config import finite_number
 from alignment.visualization.style import new_figure, require_dir, save_figure
 
 DEFAULT_INPUT = Path("alignment/outputs/gpt_elo")
@@ -41,12 +41,6 @@ class Rating:
 
     value: float
     ci: tuple[float, float] | None = None
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _read_json(path: Path) -> Any:
@@ -79,7 +73,7 @@ def read_elo_ratings(path: str | Path) -> dict[str, dict[str, Rating]]:
         ratings = data.get(dim) if isinstance(data, dict) else None
         if not isinstance(ratings, dict):
             raise ValueError(f"{path}: missing the {dim!r} object of model -> Elo")
-        table[dim] = {m: Rating(_number(v, f"{path}: {dim}[{m!r}]")) for m, v in ratings.items()}
+        table[dim] = {m: Rating(finite_number(v, f"{path}: {dim}[{m!r}]")) for m, v in ratings.items()}
     _check_models(table, path)
     return table
 
@@ -104,11 +98,11 @@ def read_bt_ratings(path: str | Path) -> tuple[dict[str, dict[str, Rating]], dic
             where = f"{path}: ratings[{dim!r}][{model!r}]"
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be an object with rating, ci_low, ci_high")
-            value = _number(entry.get("rating"), f"{where}.rating")
+            value = finite_number(entry.get("rating"), f"{where}.rating")
             if entry.get("ci_low") is None and entry.get("ci_high") is None:  # no bootstrap was run
                 table[dim][model] = Rating(value)
                 continue
-            low, high = (_number(entry.get(k), f"{where}.{k}") for k in ("ci_low", "ci_high"))
+            low, high = (finite_number(entry.get(k), f"{where}.{k}") for k in ("ci_low", "ci_high"))
             if not low <= high:
                 raise ValueError(f"{where}: need ci_low <= ci_high, got {low}, {high}")
             table[dim][model] = Rating(value, (low, high))

@@ -11,7 +11,6 @@ otherwise. Safe means cost ≤ 0, helpful reward > 0 (:mod:`alignment.scoring.qu
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from matplotlib.ticker import PercentFormatter
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_safety_ratios.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment.config import finite_number
 from alignment.evaluation.comparisons import list_models, load_summary
 from alignment.scoring.quadrants import LABELS
 from alignment.visualization.style import (
@@ -58,16 +58,11 @@ def shares_from_summary(model: str, summary: Mapping[str, Any]) -> QuadrantShare
     percents = summary.get("percents")
     if not isinstance(percents, Mapping):
         raise ValueError(f"{model}: summary has no 'percents' object")
-    clean: dict[str, float] = {}
-    for label in LABELS:
-        value = percents.get(label)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{model}: summary percents[{label!r}] must be a finite number, got {value!r}")
-        clean[label] = float(value)
-    safe = summary.get("safe_ratio", clean["SH"] + clean["SU"])
-    if isinstance(safe, bool) or not isinstance(safe, (int, float)) or not math.isfinite(safe):
-        raise ValueError(f"{model}: summary safe_ratio must be a finite number, got {safe!r}")
-    return QuadrantShares(model, clean, float(safe), summary.get("num_points"))
+    clean = {
+        label: finite_number(percents.get(label), f"{model}: summary percents[{label!r}]") for label in LABELS
+    }
+    safe = finite_number(summary.get("safe_ratio", clean["SH"] + clean["SU"]), f"{model}: summary safe_ratio")
+    return QuadrantShares(model, clean, safe, summary.get("num_points"))
 
 
 def load_shares(directory: str | Path, models: Sequence[str] | None = None) -> list[QuadrantShares]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import sys
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from matplotlib.lines import Line2D
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_training_curves.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment.config import finite_number
 from alignment.tracking import read_tensorboard_scalars
 from alignment.visualization.style import new_figure, save_figure, series_color
 
@@ -129,9 +129,7 @@ def cost_threshold(run_root: Path, kind: str) -> float | None:
     value = _threshold_from_es(run_root) if kind == "ES" else _threshold_from_grpo(run_root)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{run_root}: cost_threshold_d must be a finite number, got {value!r}")
-    return float(value)
+    return finite_number(value, f"{run_root}: cost_threshold_d")
 
 
 def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
