@@ -119,7 +119,17 @@ def test_pair_scorer_truncates_deterministically_and_reports(toy_models, reward)
     long_response = " then" * 100
     out = scorer.score(["how do I bake bread?"] * 3, [" ok.", long_response, long_response])
     assert out.truncated == [1, 2]
-    assert out.rewards[1] == out.rewards[2] and out.costs[1] == out.costs[2]
+    # Rows 1 and 2 are the same truncated text but may sit in batches of different composition; the
+    # CPU GEMM picks its blocking (and so its summation order) by batch shape, so on some processors
+    # the last bits differ (2.9632017 vs 2.9632015 seen on CI): fp32 rounding of O(1) scores after a
+    # few hundred-term dot products stays far below 1e-5.
+    assert out.rewards[1] == pytest.approx(out.rewards[2], abs=1e-5)
+    assert out.costs[1] == pytest.approx(out.costs[2], abs=1e-5)
+    # One row per forward means the same shape for both rows, so there the equality is exact by
+    # construction (this is the scorer the bit-exact ES tests use).
+    single = RewardCostScorer(reward, cost, max_length=24, max_batch_size=1)
+    alone = single.score(["how do I bake bread?"] * 3, [" ok.", long_response, long_response])
+    assert alone.rewards[1] == alone.rewards[2] and alone.costs[1] == alone.costs[2]
     ids, cut = scorer.encode(
         reward, [scoring_text("how do I bake bread?", long_response, reward.tokenizer.eos_token)]
     )
