@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from alignment.config import load_config
 from alignment.lagrange import LagrangeRecipe
@@ -20,6 +20,8 @@ def grpo_config_fields() -> frozenset[str]:
 
 @dataclass
 class GRPOAlignmentConfig(LagrangeRecipe):
+    passes_episode_costs: ClassVar[bool] = True  # LagrangeCallback hands λ every episode's cost
+
     # model and data
     model_name: str = "models/toy/policy"
     train_jsonl: str | None = None  # None: the toy training prompts
