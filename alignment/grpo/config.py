@@ -53,6 +53,7 @@ class GRPOAlignmentConfig(LagrangeRecipe):
     # evaluation and logging
     eval_every: int = 50  # greedy evaluation on the eval prompts every N steps (0: only at the end)
     eval_max_new_tokens: int | None = None  # default: max_completion_length
+    eval_batch_size: int = 64  # prompts per greedy generate call; the batches are dealt out to the ranks
     wandb: bool = False
     wandb_project: str | None = None
     # any other GRPOConfig field, given at the top level of the recipe

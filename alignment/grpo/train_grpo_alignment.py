@@ -104,7 +104,7 @@ def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Seque
                               timeout=cfg.scorer_timeout, retries=cfg.scorer_retries)  # fmt: skip
     link = LagrangeLink.create(LagrangeController(cfg.lagrange_config()))
     evals = load_prompts(cfg.eval_jsonl, cfg.prompt_key, TOY_EVAL_PROMPTS, cfg.eval_max_prompts)
-    eval_cb = AlignmentEvalCallback(client, evals, every=cfg.eval_every,
+    eval_cb = AlignmentEvalCallback(client, evals, every=cfg.eval_every, batch_size=cfg.eval_batch_size,
                                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)  # fmt: skip
     trainer = TurnMarkerGRPOTrainer(  # completions end where generation stopped (see stopping.py)
         model=model,
