@@ -151,7 +151,11 @@ def train_grpo(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="λ keys: cost_threshold_d=d gives J_C = mean(C) + d, i.e. the constraint E[C] <= -d\n"
+        "(d = -0.1: E[C] <= 0.1); lambda_rule=ema_log|ppo_lag; episode_cost_window_size,\n"
+        "lambda_update_delay_steps (see alignment/lagrange.py).",
     )
     p.add_argument("--config", help="recipe YAML (alignment/grpo/grpo_alignment.yaml)")
     p.add_argument("--resume", help="checkpoint folder, or 'latest' for the newest in output_dir")
