@@ -85,10 +85,10 @@ class GRPORun:
 def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Sequence[Any] = ()) -> GRPORun:
     """The GRPO trainer of the recipe, ready to ``train()``; ``client`` and ``callbacks`` as in :func:`train_grpo`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import TensorBoardCallback
 
     from alignment.grpo.stopping import TurnMarkerGRPOTrainer, stop_at_turn_markers
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
     if cfg.wandb and cfg.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
     args = grpo_args(cfg)
@@ -115,6 +115,11 @@ def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Seque
         callbacks=[LagrangeCallback(link.key), eval_cb, *callbacks],
     )
     eval_cb.bind(trainer)
+    for callback in trainer.callback_handler.callbacks:
+        # TensorBoard into <output_dir>/runs, per trainer: a process-wide TENSORBOARD_LOGGING_DIR would
+        # send a second run in the same process to the first one's folder (one the user set is kept)
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(Path(cfg.output_dir) / "runs")
     return GRPORun(trainer, link, eval_cb, tokenizer)
 
 
