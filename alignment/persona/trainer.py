@@ -115,6 +115,9 @@ class PersonaTrainer:
                              self.index, device)  # fmt: skip
         self.reader_model = wrap(self.reader, self.dist)
         self.retriever_model = wrap(self.retriever, self.dist, find_unused_parameters=True)
+        if self.dist.enabled:
+            logger.info("data parallel over %d processes: reader in %s", self.dist.world_size,
+                        type(self.reader_model).__name__)  # fmt: skip
         self.tracker = None
         if self.dist.is_main:
             self.tracker = Tracker(cfg.run_dir, run_name=cfg.name, config=dataclasses.asdict(cfg), wandb=cfg.wandb,
@@ -276,6 +279,10 @@ class PersonaTrainer:
     def save(self) -> None:
         """A checkpoint of the current step (every rank's RNG state gathered; rank 0 writes)."""
         rngs = gather_objects(self.dist, ckpt.rng_state(self.generator, self.answer_rng))
+        hashes = gather_objects(self.dist, {"reader": weights_hash(self.reader),
+                                            "retriever": weights_hash(self.retriever)})  # fmt: skip
+        if any(h != hashes[0] for h in hashes):  # data parallel keeps them equal; if not, stop here
+            raise RuntimeError(f"step {self.step}: the ranks' weights differ: {hashes}")
         if self.dist.is_main:
             opts = {"reader": self.reader_optim}
             if self.retriever_optim is not None:
@@ -285,7 +292,7 @@ class PersonaTrainer:
                 "world_size": self.dist.world_size, "index_fingerprint": self.index.fingerprint,
                 "optimizers": {k: o.optimizer.state_dict() for k, o in opts.items()},
                 "schedulers": {k: o.scheduler.state_dict() for k, o in opts.items()},
-                "reference": self.reference_info, "eval_history": self.eval_history,
+                "reference": self.reference_info, "eval_history": self.eval_history, "rank_hashes": hashes,
             }  # fmt: skip
             path = ckpt.save_checkpoint(self.cfg.run_dir, self.step, self.reader, self.reader_tokenizer,
                                         self.retriever, self.retriever_tokenizer, self.cfg, state)  # fmt: skip
