@@ -93,6 +93,7 @@ class PersonaTrainer:
         self.answer_rng = random.Random(cfg.seed)
         self.step, self.epoch, self.offset = 0, 0, 0
         self.eval_history: list[dict[str, float]] = []
+        self.last_records: list[dict] = []  # the latest evaluation's example dialogues
         state = self._load(resume_dir) if resume_dir else None
 
         self.reference, self.reference_info = None, None
@@ -261,6 +262,7 @@ class PersonaTrainer:
             "eval": self.eval_history,
             "checkpoint": str(ckpt.latest_checkpoint(cfg.run_dir)),
             "reference": self.reference_info,
+            "examples": self.last_records,
         }
 
     def _evaluate(self) -> None:
@@ -268,6 +270,7 @@ class PersonaTrainer:
             result = evaluate(self.pipe, self.eval_examples, self.cfg.per_gpu_eval_batch_size, self.reference,
                               self.cfg.log_examples)  # fmt: skip
             self.eval_history.append({"step": self.step, **result.metrics})
+            self.last_records = result.records
             self.tracker.log(result.metrics, self.step)
             text = format_records(self.step, result.records)
             self.tracker.log_text("eval/examples", text, self.step)
