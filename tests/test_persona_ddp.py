@@ -19,18 +19,22 @@ from tests.test_persona_train import toy_cfg
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_gloo_processes_train_identical_replicas(persona_toy, tmp_path):
-    cfg = toy_cfg(persona_toy, tmp_path, "ddp", reader_rl_learning=True, use_grpo=True, per_gpu_batch_size=2,
-                  train_retriever=True, total_steps=2, save_freq=1)  # fmt: skip
+def _torchrun(cfg, *switches: str) -> subprocess.CompletedProcess:
     flags = [f"--{k}={v}" for k, v in vars(cfg).items() if v is not None and not isinstance(v, bool)]
-    flags += ["--reader_rl_learning", "--use_grpo", "--train_retriever"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": str(REPO)}  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "alignment.persona.train", *flags]  # fmt: skip
+           "-m", "alignment.persona.train", *flags, *switches]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "data parallel over 2 processes: reader in DistributedDataParallel" in proc.stderr
+    return proc
+
+
+def test_two_gloo_processes_train_identical_replicas(persona_toy, tmp_path):
+    cfg = toy_cfg(persona_toy, tmp_path, "ddp", reader_rl_learning=True, use_grpo=True, per_gpu_batch_size=2,
+                  train_retriever=True, total_steps=2, save_freq=1)  # fmt: skip
+    _torchrun(cfg, "--reader_rl_learning", "--use_grpo", "--train_retriever")
     for step in (1, 2):
         state = ckpt.load_state(cfg.run_dir / "checkpoint" / f"step-{step}")
         assert state["world_size"] == 2 and len(state["rank_hashes"]) == 2
@@ -41,3 +45,10 @@ def test_two_gloo_processes_train_identical_replicas(persona_toy, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start)
     with pytest.raises(ValueError, match="written by 2 processes, not 1"):
         train(cfg, resume=True)
+
+
+def test_sft_with_a_frozen_retriever_under_torchrun(persona_toy, tmp_path):
+    cfg = toy_cfg(persona_toy, tmp_path, "ddp-sft", total_steps=1)
+    _torchrun(cfg)
+    state = ckpt.load_state(cfg.run_dir / "checkpoint" / "latest")
+    assert state["stage"] == "sft" and state["rank_hashes"][0] == state["rank_hashes"][1]

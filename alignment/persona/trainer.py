@@ -115,7 +115,13 @@ class PersonaTrainer:
         self.pipe = Pipeline(cfg, self.reader, self.retriever, self.reader_tokenizer, self.retriever_tokenizer,
                              self.index, device)  # fmt: skip
         self.reader_model = wrap(self.reader, self.dist)
-        self.retriever_model = wrap(self.retriever, self.dist, find_unused_parameters=True)
+        # a frozen retriever has nothing to synchronise (DDP refuses a module without trainable weights);
+        # unused parameters (e.g. BERT's pooler) are allowed
+        self.retriever_model = (
+            wrap(self.retriever, self.dist, find_unused_parameters=True)
+            if cfg.train_retriever
+            else self.retriever
+        )
         if self.dist.enabled:
             logger.info("data parallel over %d processes: reader in %s", self.dist.world_size,
                         type(self.reader_model).__name__)  # fmt: skip
