@@ -45,6 +45,7 @@ class PassageIndex:
     fingerprint: str
     mode: IndexMode = "flat"
     _faiss: Any = field(default=None, repr=False)
+    _on_device: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.passages):
@@ -74,8 +75,9 @@ class PassageIndex:
         if self._faiss is not None:
             scores, rows = self._faiss.search(queries.cpu().numpy(), k)
             return torch.from_numpy(scores), torch.from_numpy(rows).long()
-        emb = self.embeddings.to(queries.device)
-        scores, rows = torch.topk(queries @ emb.T, k, dim=1)
+        if self._on_device is None or self._on_device.device != queries.device:
+            self._on_device = self.embeddings.to(queries.device)  # once, not on every search
+        scores, rows = torch.topk(queries @ self._on_device.T, k, dim=1)
         return scores, rows
 
     def lookup(self, rows: torch.Tensor) -> list[list[Passage]]:
