@@ -152,3 +152,17 @@ def test_distillation_loss_is_the_kl_to_the_reward_softmax():
     assert scores.grad[0, 1] < 0 and scores.grad[1, 2] < 0  # raise the best passages' scores
     with pytest.raises(ValueError, match="> 0"):
         distillation_loss(scores, rewards, 0.0, 1.0)
+
+
+def test_a_non_finite_gradient_never_reaches_the_weights():
+    from alignment.persona.steps import Optim
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    optim = Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), [w])
+    with pytest.raises(FloatingPointError, match="gradient norm is inf"):
+        optim.update(torch.sqrt(w - 1).sum())  # a finite loss (0) whose gradient is infinite
+    with pytest.raises(FloatingPointError, match="loss is inf"):
+        optim.update(w.sum() * float("inf"))
+    assert torch.equal(w.detach(), torch.ones(3))
+    assert optim.update(w.sum()) == pytest.approx(3**0.5)

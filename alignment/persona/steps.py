@@ -36,7 +36,10 @@ class Optim:
     clip: float = 1.0
 
     def update(self, loss: torch.Tensor) -> float:
-        """Backpropagate ``loss``, clip, step; returns the gradient norm before clipping."""
+        """Backpropagate ``loss``, clip, step; returns the gradient norm before clipping. A non-finite
+        loss or gradient stops training before it reaches the weights."""
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"the loss is {float(loss.detach())}; the weights were not updated")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip > 0:
@@ -45,6 +48,8 @@ class Optim:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
             )
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"the gradient norm is {float(norm)}; the weights were not updated")
         self.optimizer.step()
         return float(norm)
 
