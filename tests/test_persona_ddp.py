@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignment.persona import checkpoint as ckpt
+from alignment.persona.distributed import DistInfo, wrap
 from alignment.persona.trainer import train
 from tests.test_persona_train import toy_cfg
 
@@ -47,8 +48,12 @@ def test_two_gloo_processes_train_identical_replicas(persona_toy, tmp_path):
         train(cfg, resume=True)
 
 
-def test_sft_with_a_frozen_retriever_under_torchrun(persona_toy, tmp_path):
-    cfg = toy_cfg(persona_toy, tmp_path, "ddp-sft", total_steps=1)
-    _torchrun(cfg)
-    state = ckpt.load_state(cfg.run_dir / "checkpoint" / "latest")
-    assert state["stage"] == "sft" and state["rank_hashes"][0] == state["rank_hashes"][1]
+def test_a_frozen_module_is_not_wrapped():
+    """DDP refuses a module without trainable parameters: the SFT stage's frozen retriever (this
+    crashed every torchrun run without --train_retriever before)."""
+    frozen, trained = torch.nn.Linear(2, 2).requires_grad_(False), torch.nn.Linear(2, 2)
+    two = DistInfo(rank=0, world_size=2)
+    assert wrap(frozen, two) is frozen
+    assert wrap(trained, DistInfo()) is trained  # one process: nothing to wrap
+    with pytest.raises((RuntimeError, ValueError)):  # would wrap, but there is no process group here
+        wrap(trained, two)

@@ -70,8 +70,9 @@ def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
 
 
 def wrap(module: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
-    """``module`` in DistributedDataParallel when several processes train, else itself."""
-    if not info.enabled:
+    """``module`` in DistributedDataParallel when several processes train it, else itself (also when
+    nothing in it is trained: a frozen module has nothing to synchronise, and DDP refuses it)."""
+    if not info.enabled or not any(p.requires_grad for p in module.parameters()):
         return module
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(

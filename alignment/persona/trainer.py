@@ -115,13 +115,8 @@ class PersonaTrainer:
         self.pipe = Pipeline(cfg, self.reader, self.retriever, self.reader_tokenizer, self.retriever_tokenizer,
                              self.index, device)  # fmt: skip
         self.reader_model = wrap(self.reader, self.dist)
-        # a frozen retriever has nothing to synchronise (DDP refuses a module without trainable weights);
-        # unused parameters (e.g. BERT's pooler) are allowed
-        self.retriever_model = (
-            wrap(self.retriever, self.dist, find_unused_parameters=True)
-            if cfg.train_retriever
-            else self.retriever
-        )
+        # (unused retriever parameters, e.g. BERT's pooler, are allowed; a frozen retriever stays unwrapped)
+        self.retriever_model = wrap(self.retriever, self.dist, find_unused_parameters=True)
         if self.dist.enabled:
             logger.info("data parallel over %d processes: reader in %s", self.dist.world_size,
                         type(self.reader_model).__name__)  # fmt: skip
