@@ -80,3 +80,12 @@ def scorer_factory(toy_models: Path, tmp_path: Path) -> Iterator:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def persona_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny T5 reader, BERT retriever and synthetic persona task (alignment.persona.toy)."""
+    from alignment.persona.toy import build_persona_toy
+
+    shared = os.environ.get("ALIGNMENT_TEST_MODELS")
+    return build_persona_toy(Path(shared) / "persona" if shared else tmp_path_factory.mktemp("persona-toy"))

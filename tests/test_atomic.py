@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignment.atomic import replace_dir, write_text
+from alignment.atomic import replace_dir, replace_symlink, write_text
 
 
 def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -26,3 +26,16 @@ def test_replace_dir_swaps_in_the_new_folder_and_drops_the_old(tmp_path):
     (staging / "weights").write_text("v3")
     replace_dir(staging, tmp_path / "other")
     assert (tmp_path / "other" / "weights").read_text() == "v3"
+
+
+def test_replace_symlink_repoints_a_relative_link_and_leaves_no_temporary(tmp_path):
+    for name in ("step-1", "step-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "marker").write_text(name)
+    link = tmp_path / "latest"
+    replace_symlink(link, "step-1")
+    assert (link / "marker").read_text() == "step-1"
+    replace_symlink(link, "step-2")
+    assert (link / "marker").read_text() == "step-2"
+    assert link.readlink().as_posix() == "step-2"  # relative: the folder can be moved whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1", "step-2"]

@@ -46,6 +46,7 @@ def test_scripts_found() -> None:
         "slurm/train_accl_alignment_api.sh",
         "slurm/submit_alignment.sh",
         "alignment/grpo/run_grpo_alignment.sh",
+        "slurm/train_persona.sh",
     } <= names
 
 
@@ -193,3 +194,13 @@ def test_submit_without_sbatch(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "sbatch" in proc.stderr
+
+
+def test_train_persona_script(persona_toy: Path, tmp_path: Path) -> None:
+    from tests.test_persona_train import toy_cfg
+
+    cfg = toy_cfg(persona_toy, tmp_path / "ckpt", "slurm", total_steps=1)
+    flags = [f"--{k}={v}" for k, v in vars(cfg).items() if v is not None and not isinstance(v, bool)]
+    proc = _run(["bash", "slurm/train_persona.sh", *flags], _env(tmp_path, NUM_PROCESSES="1"))
+    assert "processes=1" in proc.stderr and "-m alignment.persona.train" in proc.stderr
+    assert (cfg.run_dir / "checkpoint" / "latest" / "reader").is_dir()
