@@ -71,13 +71,6 @@ class GRPOSettings:
     loss_agg: Literal["token", "sequence"] = "token"
 
 
-def finite(logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` with −inf (outside the sampled support) replaced by −1e30: the same distribution
-    (exp underflows to exactly 0), but ``alignment.pg.exact_kl``'s gradient stays finite. Given −inf
-    it returns NaN gradients (0 · (−inf − (−inf)) inside its ``where``), though its value is right."""
-    return logits.masked_fill(torch.isneginf(logits), -1e30)
-
-
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> tuple[torch.Tensor, float]:
     """rewards [B·G] (row b·G + g) -> advantages [B·G] and the share of groups with equal rewards."""
     if rewards.numel() % group_size:
@@ -116,7 +109,7 @@ def grpo_objective(
     kl = None
     if ref_dist_logits is not None:
         if settings.kl_estimator == "exact":
-            kl = per_token_kl("exact", logits=finite(dist_logits), ref_logits=finite(ref_dist_logits))
+            kl = per_token_kl("exact", logits=dist_logits, ref_logits=ref_dist_logits)
         else:
             ref_logp = torch.where(mask, token_logprobs(ref_dist_logits, safe), torch.zeros_like(old_logp))
             kl = per_token_kl(settings.kl_estimator, logp=logp, ref_logp=ref_logp)
