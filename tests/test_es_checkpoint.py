@@ -43,6 +43,24 @@ def test_replay_log_round_trip_and_truncated_tail(tmp_path):
     assert [e.iteration for e in log.read()] == [0, 1]
 
 
+def test_torn_last_line_survives_two_resumes(tmp_path):
+    """A crash mid-append leaves a fragment; each resume appends after repairing it, so the next
+    resume still reads every committed entry (appending onto the fragment made it unreadable)."""
+    log = ReplayLog(tmp_path / "replay.jsonl")
+    for e in entries()[:2]:
+        log.append(e)
+    with open(log.path, "a") as f:
+        f.write('{"iteration": 2, "seeds": [4')  # killed mid-write
+    assert log.read() == entries()[:2]  # resume 1 redoes iteration 2 ...
+    log.append(entries()[2])
+    assert log.read() == entries()[:3]  # ... and resume 2 sees it
+    with open(log.path, "a") as f:
+        f.write(json.dumps(entries()[3].__dict__))  # killed before the newline: whole and committed
+    assert log.read() == entries()
+    log.append(ReplayEntry(4, [9], [1.0], 0.01, {"log_lambda": 0.0}))
+    assert [e.iteration for e in log.read()] == [0, 1, 2, 3, 4]
+
+
 def test_replay_log_rejects_gaps_and_garbage(tmp_path):
     log = ReplayLog(tmp_path / "replay.jsonl")
     log.append(entries()[0])

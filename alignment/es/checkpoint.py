@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignment.atomic import replace_dir
+from alignment.data import repair_jsonl_tail
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ class ReplayLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, entry: ReplayEntry) -> None:
+        """Append one line; a line torn by a crash is removed first, so the entry starts a line."""
         line = json.dumps(asdict(entry), allow_nan=False)
+        repair_jsonl_tail(self.path)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
