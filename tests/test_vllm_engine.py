@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from alignment.es.engines import GenerationSettings, TransformersEngine
-from alignment.es.noise import weights_checksum
 from alignment.es.vllm_worker import hf_views, pack_tensors, unpack_tensors
+from alignment.es.weights import weights_checksum
 from alignment.toy import TOY_EVAL_PROMPTS
 
 GREEDY = GenerationSettings(max_new_tokens=16, temperature=0.0)
