@@ -229,6 +229,10 @@ def test_ray_executor_matches_local_for_the_same_seeds(toy_models, exact_scorer,
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    threads = torch.get_num_threads()
+    # Ray gives each 1-CPU actor one OpenMP thread; the local engines get one too, so both sides
+    # block their matmuls alike and the weights can be compared bit for bit
+    torch.set_num_threads(1)
     try:
         local = es_config(toy_models, scorer, tmp_path / "local", num_iterations=3)
         remote = es_config(
@@ -237,6 +241,7 @@ def test_ray_executor_matches_local_for_the_same_seeds(toy_models, exact_scorer,
         run_es(local)
         run_es(remote)
     finally:
+        torch.set_num_threads(threads)
         ray.shutdown()
     a = final_weights(next((tmp_path / "local" / "runs").iterdir()), 3)
     b = final_weights(next((tmp_path / "ray" / "runs").iterdir()), 3)
