@@ -147,6 +147,9 @@ def _normal_kernel(
     return bits_to_normal(hash_bits(offsets + start, key), table, diffs)
 
 
+COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
+
+
 class _DeviceState:
     """The quantile table on one device and the kernel used there (eager, or compiled once)."""
 
@@ -154,7 +157,7 @@ class _DeviceState:
         table = torch.from_numpy(_TABLE)
         self.table = table.to(device)
         self.diffs = (table[:-1] - table[1:]).to(device)
-        mode = os.environ.get("ALIGNMENT_ES_NOISE_COMPILE", "auto").lower()
+        mode = os.environ.get(COMPILE_ENV, "auto").lower()
         self.compiled = mode in {"1", "true", "on"} or (mode == "auto" and device.type == "cuda")
         # compiled kernels have one fixed shape (the last chunk is computed whole and cut)
         self.chunk = (1 << 22) if device.type == "cuda" else (1 << 16)
@@ -177,6 +180,21 @@ def _state(device: torch.device) -> _DeviceState:
         if device not in _STATES:
             _STATES[device] = _DeviceState(device)
         return _STATES[device]
+
+
+def set_compile_mode(mode: str) -> None:
+    """``auto`` (compile on CUDA), ``1`` (everywhere) or ``0``: for this process, from the next draw on
+    (the numbers are the same in every mode; only the speed differs)."""
+    if mode not in {"auto", "1", "0"}:
+        raise ValueError(f"compile mode must be auto, 1 or 0, got {mode!r}")
+    os.environ[COMPILE_ENV] = mode
+    with _STATES_LOCK:
+        _STATES.clear()
+
+
+def compiled_on(device: torch.device | str) -> bool:
+    """Whether draws on ``device`` use the compiled kernel."""
+    return _state(torch.device(device)).compiled
 
 
 def normal_range(key: Sequence[int], start: int, count: int, device: torch.device | str) -> torch.Tensor:
