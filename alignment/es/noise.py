@@ -26,7 +26,7 @@ the quantile table is built once per process in double precision and checked aga
 ``TABLE_SHA256``. So CPU and CUDA engines agree bit for bit by construction, and
 :func:`self_check` proves it for a device at engine start (``bench/noise_devices.py`` compares
 devices directly). Resolution: tails to |z| ≈ 6.3, values on a 2⁻²⁴ grid, quantile interpolation
-error below 1e-5.
+error below 1e-6.
 
 Speed: eager int64 arithmetic is ~10x slower than ``torch.randn`` on CPU; with ``torch.compile`` (one
 fused kernel, identical results because every step is integer arithmetic) it is within ~2x.
