@@ -23,6 +23,7 @@ from alignment.es.noise import (
     gaussian,
     noise_key,
     normal_range,
+    normal_segments,
     require_noise,
     self_check,
 )
@@ -62,6 +63,14 @@ def test_any_chunking_gives_the_same_elements(monkeypatch):
         assert torch.equal(normal_range(key, start, count, "cpu"), whole[start : start + count])
     monkeypatch.setattr(cpu_state(), "chunk", 997)  # another internal chunk size
     assert torch.equal(normal_range(key, 0, 200_003, "cpu"), whole)
+
+
+def test_many_segments_in_one_draw_equal_separate_draws(monkeypatch):
+    segments = [(noise_key(1, "a"), 0, 5), (noise_key(2, "b"), 70_000, 3), (noise_key(1, "c"), 0, 100_000)]
+    separate = torch.cat([normal_range(k, s, n, "cpu") for k, s, n in segments])
+    assert torch.equal(normal_segments(segments, "cpu"), separate)
+    monkeypatch.setattr(cpu_state(), "chunk", 1021)
+    assert torch.equal(normal_segments(segments, "cpu"), separate)
 
 
 def test_inverse_cdf_matches_exact_quantiles():

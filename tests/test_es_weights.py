@@ -67,20 +67,43 @@ def test_perturbation_matches_the_formula(toy_models):
 
 def test_two_engines_agree_after_seeds_only_updates(toy_models, monkeypatch):
     a, b = load_policy(toy_models, torch.bfloat16), load_policy(toy_models, torch.bfloat16)
-    pa, pb = PerturbableParams(named(a)), PerturbableParams(named(b))
+    pa = PerturbableParams(named(a))
+    monkeypatch.setattr(weights, "CHUNK", 1000)  # other blocks: tensors cut and grouped otherwise
+    pb = PerturbableParams(named(b), cache_bytes=0)  # and every noise drawn anew (pa reuses its own)
+    assert len(pb.blocks) > 10 * len(pa.blocks)
     history = [([1, 2, 3], [0.5, -1.0, 0.25]), ([4, 5], [1.2, -0.7]), ([6, 7, 8, 9], [0.1, 0.2, -0.3, 0.4])]
-    for step, (seeds, coefs) in enumerate(history):
+    for seeds, coefs in history:
         pa.perturb(seeds[0], 0.01)  # engines evaluate different members in between ...
         pa.restore()
         pb.perturb(seeds[-1], 0.01)
         pb.restore()
         pa.apply_update(seeds, coefs, scale=0.001)  # ... and apply the same update from seeds
-        with monkeypatch.context() as m:
-            m.setattr(weights, "CHUNK", 1000 + step)  # in other chunks: element i is element i
-            pb.apply_update(seeds, coefs, scale=0.001)
+        pb.apply_update(seeds, coefs, scale=0.001)
     assert pa.checksum() == pb.checksum()
     assert pa.live_checksum() == pb.live_checksum() == weights_checksum(named(b).items())
     assert all(torch.equal(x, y) for x, y in zip(named(a).values(), named(b).values(), strict=True))
+
+
+def test_blocks_cover_every_element_once(toy_models):
+    params = named(load_policy(toy_models, torch.float32))
+    for size in (1000, 1 << 22):
+        covered = {n: torch.zeros(t.numel(), dtype=torch.int64) for n, t in params.items()}
+        for block in weights.plan_blocks(params, size):
+            assert sum(b - a for _, a, b in block) <= size
+            for name, a, b in block:
+                covered[name][a:b] += 1
+        assert all(bool((c == 1).all()) for c in covered.values())
+
+
+def test_perturbation_of_a_block_is_per_tensor_noise(toy_models, monkeypatch):
+    """One draw for many tensors gives each tensor its own noise (the one gaussian() gives)."""
+    model = load_policy(toy_models, torch.float32)
+    base = {k: v.detach().clone() for k, v in named(model).items()}
+    params = PerturbableParams(named(model))
+    assert len(params.blocks) == 1  # the toy model: every tensor in one block
+    params.perturb(3, sigma=0.1)
+    for name, live in named(model).items():
+        assert torch.equal(live, base[name] + gaussian(3, name, live.shape, "cpu") * f32(0.1)), name
 
 
 def test_update_accumulates_in_the_fp32_master_and_rounds_into_live(toy_models):

@@ -108,43 +108,51 @@ if hashlib.sha256(_TABLE.tobytes()).hexdigest() != TABLE_SHA256:
     )
 
 
-def _mix(x: torch.Tensor, c1: int, c2: int) -> torch.Tensor:
-    """One round of a multiply-xorshift hash of 32-bit values held in int64 (a bijection)."""
-    x = x ^ (x >> 16)
-    x = (x * c1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * c2) & _M32
-    return x ^ (x >> 16)
+def _mix_(x: torch.Tensor, c1: int, c2: int) -> torch.Tensor:
+    """One round of a multiply-xorshift hash of 32-bit values held in int64 (a bijection), in place."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(c1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(c2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
 
 
-def hash_bits(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """32 random bits per element: int64 ``counter`` (values in [0, 2³²)), int64 ``key`` of shape (3,)."""
+def hash_bits(counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+    """32 random bits per element of int64 ``counter`` (values in [0, 2³²)); the key words are int64
+    0-d tensors, or tensors shaped like ``counter`` (one key per element: several tensors at once)."""
     c = _MULTIPLIERS
-    x = _mix(counter ^ key[0], c[0], c[1])
-    x = _mix(x ^ key[1], c[2], c[3])
-    return _mix(x ^ key[2], c[4], c[5])
+    x = _mix_(counter ^ k0, c[0], c[1])
+    x = _mix_(x.bitwise_xor_(k1), c[2], c[3])
+    return _mix_(x.bitwise_xor_(k2), c[4], c[5])
 
 
 def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
-    """Standard normal fp32 values from 32-bit integers (int64 tensor), by the fixed-point inverse CDF."""
+    """Standard normal fp32 values from 32-bit integers (int64 tensor), by the fixed-point inverse CDF.
+
+    v = 2m + 1 (odd, p = v·2⁻³³) is exact in float64, whose bits are then read as integers: the
+    exponent is v's octave, the top 8 mantissa bits its sub-bin (together the table index), the
+    next 23 bits the position inside the sub-bin (the bits below are zero: v has at most 32).
+    """
     sign = bits >> 31
-    v = ((bits & 0x7FFFFFFF) << 1) | 1  # odd, p = v·2^-33 in (0, 1/2)
-    octave = (v.to(torch.float64).view(torch.int64) >> 52) - 1023  # floor(log2 v), exact
-    rest = v - (torch.ones_like(octave) << octave)
-    up = (_SUB_BITS - octave).clamp(min=0)
-    down = (octave - _SUB_BITS).clamp(min=0)
-    sub = (rest << up) >> down
-    frac = rest - ((rest >> down) << down)
-    idx = (octave << _SUB_BITS) + sub
-    z = table[idx] - ((diffs[idx] * frac) >> down)
-    z = torch.where(sign == 1, -z, z)
+    v = ((bits & 0x7FFFFFFF) << 1) | 1
+    f64 = v.to(torch.float64).view(torch.int64)
+    idx = (f64 >> (52 - _SUB_BITS)) - (1023 << _SUB_BITS)
+    frac = (f64 >> (52 - _SUB_BITS - 23)) & ((1 << 23) - 1)
+    z = table.index_select(0, idx) - ((diffs.index_select(0, idx) * frac) >> 23)
+    z = (z ^ -sign) + sign  # two's complement: -z where the sign bit is set
     return z.to(torch.float32) * (2.0**-_FIXED_BITS)
 
 
 def _normal_kernel(
-    start: torch.Tensor, offsets: torch.Tensor, key: torch.Tensor, table: torch.Tensor, diffs: torch.Tensor
+    start: torch.Tensor,
+    offsets: torch.Tensor,
+    k0: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    table: torch.Tensor,
+    diffs: torch.Tensor,
 ) -> torch.Tensor:
-    return bits_to_normal(hash_bits(offsets + start, key), table, diffs)
+    return bits_to_normal(hash_bits(offsets + start, k0, k1, k2), table, diffs)
 
 
 COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
@@ -197,28 +205,84 @@ def compiled_on(device: torch.device | str) -> bool:
     return _state(torch.device(device)).compiled
 
 
+def _run(st: _DeviceState, device: torch.device, *args: torch.Tensor) -> torch.Tensor:
+    try:
+        return st.kernel(*args, st.table, st.diffs)
+    except Exception as exc:  # noqa: BLE001 - a failed compilation: same numbers, eager
+        if not st.compiled:
+            raise
+        logger.warning("compiled ES noise failed on %s (%s); using eager kernels", device, exc)
+        st.kernel, st.compiled = _normal_kernel, False
+        return st.kernel(*args, st.table, st.diffs)
+
+
+def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` (1-D) zero-padded to ``size``: a compiled kernel has one shape."""
+    return t if t.numel() == size else torch.cat([t, t.new_zeros(size - t.numel())])
+
+
 def normal_range(key: Sequence[int], start: int, count: int, device: torch.device | str) -> torch.Tensor:
     """Elements ``start .. start+count-1`` of the stream ``key`` as a fp32 tensor of shape (count,)."""
     device = torch.device(device)
     if start < 0 or start + count > _MAX_NUMEL:
         raise ValueError(f"noise elements {start}..{start + count} outside [0, 2**32)")
     st = _state(device)
-    key_t = torch.tensor(list(key), dtype=torch.int64, device=device)
+    k0, k1, k2 = (torch.tensor(w, dtype=torch.int64, device=device) for w in key)
     out = torch.empty(count, dtype=torch.float32, device=device)
     for a in range(0, count, st.chunk):
         b = min(a + st.chunk, count)
         offsets = st.offsets if st.compiled else st.offsets[: b - a]
         begin = torch.tensor(start + a, dtype=torch.int64, device=device)
-        try:
-            z = st.kernel(begin, offsets, key_t, st.table, st.diffs)
-        except Exception as exc:  # noqa: BLE001 - a failed compilation: same numbers, eager
-            if not st.compiled:
-                raise
-            logger.warning("compiled ES noise failed on %s (%s); using eager kernels", device, exc)
-            st.kernel, st.compiled = _normal_kernel, False
-            z = st.kernel(begin, st.offsets[: b - a], key_t, st.table, st.diffs)
-        out[a:b] = z[: b - a]
+        out[a:b] = _run(st, device, begin, offsets, k0, k1, k2)[: b - a]
     return out
+
+
+def segment_index(
+    segments: Sequence[tuple[int, int]], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counter, which) for :func:`normal_indexed`: element e of the concatenation of segments
+    (start, count) is element ``counter[e]`` of segment ``which[e]``. Independent of the keys, so
+    a caller drawing the same layout for many members builds it once."""
+    counts = [count for _, count in segments]
+    if any(start < 0 or start + count > _MAX_NUMEL for start, count in segments):
+        raise ValueError("noise elements outside [0, 2**32)")
+    which = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(counts))
+    firsts = torch.tensor([0, *counts[:-1]], dtype=torch.int64).cumsum(0)
+    shift = torch.tensor([start for start, _ in segments], dtype=torch.int64) - firsts
+    counter = torch.arange(sum(counts), dtype=torch.int64) + shift[which]
+    return counter.to(device), which.to(device)
+
+
+def normal_indexed(
+    counter: torch.Tensor, which: torch.Tensor, keys: Sequence[Sequence[int]], device: torch.device | str
+) -> torch.Tensor:
+    """Noise of element ``counter[e]`` of the stream ``keys[which[e]]`` for every e (fp32, 1-D)."""
+    device = torch.device(device)
+    st = _state(device)
+    words = torch.tensor([list(k) for k in keys], dtype=torch.int64, device=device)
+    per_element = [words[:, j].contiguous().index_select(0, which) for j in range(3)]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
+    for a in range(0, counter.numel(), st.chunk):
+        b = min(a + st.chunk, counter.numel())
+        size = st.chunk if st.compiled else b - a
+        parts = [_padded(t[a:b], size) for t in (counter, *per_element)]
+        out[a:b] = _run(st, device, zero, *parts)[: b - a]
+    return out
+
+
+def normal_segments(
+    segments: Sequence[tuple[Sequence[int], int, int]], device: torch.device | str
+) -> torch.Tensor:
+    """``cat([normal_range(key, start, count) for key, start, count in segments])`` in one pass.
+
+    Many small tensors (norms, biases, a small model's matrices) then cost one kernel call instead
+    of one each: every element carries its own key and counter, so the values are the same.
+    """
+    if len(segments) == 1:
+        return normal_range(*segments[0], device)
+    counter, which = segment_index([(start, count) for _, start, count in segments], device)
+    return normal_indexed(counter, which, [key for key, _, _ in segments], device)
 
 
 def gaussian(

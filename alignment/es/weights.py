@@ -14,7 +14,8 @@ Bytes per parameter beside the live weights: 4 (fp32 master) on ``keep_on`` (the
 the CPU). ``master_dtype="model"`` keeps the master in the live dtype (2 bytes for bf16; the update
 is then rounded to bf16 every iteration, as before) for comparison or when memory is short. Every
 step is a fixed sequence of elementwise IEEE operations (each one rounding, never fused), done in
-chunks of the flattened tensors, so two engines that apply the same calls hold the same bits.
+blocks of the flattened tensors (:func:`plan_blocks`), so two engines that apply the same calls hold
+the same bits whatever their blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from alignment.es.noise import add_scaled_, f32, noise_key, normal_range
+from alignment.es.noise import add_scaled_, f32, noise_key, normal_indexed, normal_range, segment_index
 
 MasterDtype = Literal["fp32", "model"]
 CHUNK = 1 << 22  # elements per step: bounds the temporaries (fp32) beside a large embedding
@@ -98,12 +99,40 @@ def _master_dtype(live: torch.Tensor, master_dtype: MasterDtype) -> torch.dtype:
     raise ValueError(f"unknown master_dtype {master_dtype!r}; use fp32 or model")
 
 
+Slice = tuple[str, int, int]  # (HF name, first element, end) of a flattened tensor
+
+
+def plan_blocks(params: Mapping[str, torch.Tensor], size: int) -> list[list[Slice]]:
+    """Tensors grouped into blocks of at most ``size`` elements, each one noise draw: a large tensor
+    is cut into pieces, small ones on the same device share a block (one kernel call for all the
+    norms of a model, or for all of a small model)."""
+    blocks: list[list[Slice]] = []
+    current: list[Slice] = []
+    used, device = 0, None
+    for name, t in params.items():
+        n = t.numel()
+        if n >= size:
+            blocks.extend([(name, a, min(a + size, n))] for a in range(0, n, size))
+            continue
+        if current and (used + n > size or t.device != device):
+            blocks.append(current)
+            current, used = [], 0
+        current.append((name, 0, n))
+        used, device = used + n, t.device
+    if current:
+        blocks.append(current)
+    return blocks
+
+
 class PerturbableParams:
     """Live parameter tensors plus their exact (master) values.
 
     ``params`` maps canonical HF names to the tensors an engine computes with (vLLM: views into
     its fused tensors). ``keep_on``: device of the master copy (None: beside each live tensor;
     ``"cpu"`` frees the GPU of it at the cost of a host-to-device copy per perturb and restore).
+    ``cache_bytes``: a small model's member noise is kept from :meth:`perturb` until the next
+    :meth:`apply_update` (which needs it again, as does the antithetic twin) while all of one
+    member fits in this many bytes; a large model's never is. The values are the same either way.
     """
 
     def __init__(
@@ -111,6 +140,7 @@ class PerturbableParams:
         params: dict[str, torch.Tensor],
         keep_on: str | torch.device | None = None,
         master_dtype: MasterDtype = "fp32",
+        cache_bytes: int = 128 * 2**20,
     ) -> None:
         if not params:
             raise ValueError("no parameters to perturb")
@@ -124,33 +154,62 @@ class PerturbableParams:
         }
         for live in params.values():
             _flat(live)  # refuse strided views now, not at the first perturbation
+        self.blocks = plan_blocks(params, CHUNK)
+        self._index = {  # the element layout of each block of several tensors, built once
+            i: segment_index([(a, b - a) for _, a, b in block], params[block[0][0]].device)
+            for i, block in enumerate(self.blocks)
+            if len(block) > 1
+        }
         self.perturbed_by: tuple[int, float] | None = None
+        self._member_bytes = 4 * sum(t.numel() for t in params.values())
+        self._cache_slots = cache_bytes // self._member_bytes
+        self._cache: dict[int, list[torch.Tensor]] = {}
 
-    def _chunks(self, name: str):
-        live = _flat(self.params[name])
-        master = self.master[name].view(-1)
-        for a in range(0, live.numel(), CHUNK):
-            b = min(a + CHUNK, live.numel())
-            yield a, b, live[a:b], master[a:b]
+    def _member_noise(self, member_seed: int, keep: bool) -> list[torch.Tensor] | None:
+        """The cached noise blocks of ``member_seed``; with ``keep``, drawn and cached if there is room."""
+        if member_seed in self._cache or not keep or len(self._cache) >= self._cache_slots:
+            return self._cache.get(member_seed)
+        self._cache[member_seed] = [
+            self._noise(i, member_seed, self.params[block[0][0]].device)
+            for i, block in enumerate(self.blocks)
+        ]
+        return self._cache[member_seed]
+
+    def _views(self, block: list[Slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(live, master) 1-D views of each slice of ``block``."""
+        return [(_flat(self.params[n])[a:b], self.master[n].view(-1)[a:b]) for n, a, b in block]
+
+    def _noise(self, i: int, member_seed: int, device: torch.device) -> torch.Tensor:
+        """ε(member_seed) of every slice of block ``i``, concatenated (fp32, 1-D)."""
+        block = self.blocks[i]
+        if len(block) == 1:
+            name, a, b = block[0]
+            return normal_range(noise_key(member_seed, name), a, b - a, device)
+        counter, which = self._index[i]
+        return normal_indexed(counter, which, [noise_key(member_seed, n) for n, _, _ in block], device)
 
     @torch.no_grad()
     def perturb(self, member_seed: int, sigma: float, sign: float = 1.0) -> None:
         """Live weights ← round(master + ε(member_seed)·(sign·σ))."""
         if self.perturbed_by is not None:
             raise RuntimeError(f"already perturbed by {self.perturbed_by}; restore() first")
-        for name, live in self.params.items():
-            key = noise_key(member_seed, name)
-            for a, b, live_c, master_c in self._chunks(name):
-                noise = normal_range(key, a, b - a, live.device)
-                live_c.copy_(master_c.to(live.device, torch.float32) + noise * f32(sign * sigma))
+        s = f32(sign * sigma)
+        cached = self._member_noise(member_seed, keep=True)
+        for i, block in enumerate(self.blocks):
+            device = self.params[block[0][0]].device
+            noise = cached[i] if cached is not None else self._noise(i, member_seed, device)
+            off = 0
+            for live, master in self._views(block):
+                live.copy_(master.to(device, torch.float32) + noise[off : off + live.numel()] * s)
+                off += live.numel()
         self.perturbed_by = (member_seed, sign)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Live weights ← round(master), bit for bit the weights before :meth:`perturb`."""
-        for name in self.params:
-            for _, _, live_c, master_c in self._chunks(name):
-                live_c.copy_(master_c)
+        for block in self.blocks:  # block by block: no full-size temporary of a large tensor
+            for live, master in self._views(block):
+                live.copy_(master)
         self.perturbed_by = None
 
     @torch.no_grad()
@@ -164,21 +223,31 @@ class PerturbableParams:
             raise RuntimeError("apply_update() on perturbed weights; restore() first")
         if len(seeds) != len(coefficients):
             raise ValueError(f"{len(seeds)} seeds but {len(coefficients)} coefficients")
-        terms = [(s, c) for s, c in zip(seeds, coefficients, strict=True) if c != 0.0]
+        terms = [
+            (s, c, self._member_noise(s, keep=False)) for s, c in zip(seeds, coefficients, strict=True) if c
+        ]
         stats = UpdateStats()
-        for name, live in self.params.items():
-            keys = [(noise_key(s, name), c) for s, c in terms]
-            for a, b, live_c, master_c in self._chunks(name):
-                direction = torch.zeros(b - a, dtype=torch.float32, device=live.device)
-                for key, coef in keys:
-                    add_scaled_(direction, normal_range(key, a, b - a, live.device), coef)
-                step = direction * f32(scale)
-                old_master = master_c.to(live.device, torch.float32, copy=True)
-                old_live = live_c.to(torch.float32, copy=True)
-                master_c.copy_(old_master + step)
-                live_c.copy_(master_c)
-                new_master = master_c.to(live.device, torch.float32)
-                stats.add(step, live_c.to(torch.float32) - old_live, new_master - old_master)
+        for i, block in enumerate(self.blocks):
+            device = self.params[block[0][0]].device
+            views = self._views(block)
+            direction = torch.zeros(sum(v.numel() for v, _ in views), dtype=torch.float32, device=device)
+            for seed, coef, cached in terms:
+                add_scaled_(
+                    direction, cached[i] if cached is not None else self._noise(i, seed, device), coef
+                )
+            step = direction * f32(scale)
+            old_master = torch.cat([m.to(device, torch.float32) for _, m in views])
+            old_live = torch.cat([v.to(torch.float32) for v, _ in views])
+            off = 0
+            for live, master in views:
+                n = live.numel()
+                master.copy_(old_master[off : off + n] + step[off : off + n])
+                live.copy_(master)
+                off += n
+            new_master = torch.cat([m.to(device, torch.float32) for _, m in views])
+            new_live = torch.cat([v.to(torch.float32) for v, _ in views])
+            stats.add(step, new_live - old_live, new_master - old_master)
+        self._cache.clear()  # the next iteration draws other members
         return stats
 
     def checksum(self) -> str:
