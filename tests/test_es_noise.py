@@ -139,6 +139,15 @@ def test_self_check_accepts_this_device_and_refuses_other_noise(monkeypatch):
         self_check("cpu")
 
 
+def test_a_compiled_kernel_that_differs_falls_back_to_eager(monkeypatch, caplog):
+    st = cpu_state()
+    monkeypatch.setattr(st, "compiled", True)
+    monkeypatch.setattr(st, "kernel", lambda *args: noise._normal_kernel(*args) + 1.0)  # a wrong kernel
+    assert self_check("cpu") == NOISE_ID
+    assert not st.compiled and st.kernel is noise._normal_kernel
+    assert "differs from the reference" in caplog.text
+
+
 def test_require_noise_names_the_source_that_differs():
     require_noise({"engine 0": NOISE_ID, "engine 1": NOISE_ID})
     with pytest.raises(NoiseMismatchError, match=r"engine 1: 'torch.randn/v0'"):
