@@ -20,7 +20,7 @@ from alignment.es.config import ESConfig
 from alignment.es.executors import LocalExecutor
 from alignment.es.population import population
 from alignment.es.score_cache import PairScoreCache
-from alignment.es.sync import EnginesDivergedError
+from alignment.es.sync import EnginesDivergedError, check_engines
 from alignment.es.train_es_alignment import build_executor, run_es
 from alignment.es.trainer import ESTrainer, ScorerFailedError, batch_prompts
 from alignment.scoring.client import ScorerClient
@@ -239,10 +239,26 @@ def test_ray_executor_matches_local_for_the_same_seeds(toy_models, exact_scorer,
             toy_models, scorer, tmp_path / "ray", num_iterations=3, executor="ray", num_engines=2
         )
         run_es(local)
-        run_es(remote)
+        executor = build_executor(remote)
+        try:
+            client = ScorerClient(scorer.url)
+            ESTrainer(
+                remote, executor, client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:8], tmp_path / "ray"
+            ).train()
+            # two actors that disagree: no strict majority, so nothing is repaired and the run stops
+            ray.get(executor.actors[1].apply_update.remote([99], [1.0], 0.01))
+            sums = executor.checksums()
+            with pytest.raises(EnginesDivergedError, match="no strict majority"):
+                check_engines(executor, tmp_path / "ray", 3)
+            assert executor.checksums() == sums
+            assert (
+                tmp_path / "ray" / "model_saves" / "diverged_iteration_3" / "engine_1.safetensors"
+            ).is_file()
+        finally:
+            executor.close()
     finally:
         torch.set_num_threads(threads)
         ray.shutdown()
     a = final_weights(next((tmp_path / "local" / "runs").iterdir()), 3)
-    b = final_weights(next((tmp_path / "ray" / "runs").iterdir()), 3)
+    b = final_weights(tmp_path / "ray", 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
