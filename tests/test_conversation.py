@@ -61,26 +61,34 @@ def test_sampling_engines_in_threads_are_reproducible(toy_models):
     from alignment.conversation import generate_answers
     from alignment.toy import TOY_EVAL_PROMPTS
 
-    tok = AutoTokenizer.from_pretrained(toy_models / "policy")
+    # One tokenizer per engine, as TransformersEngine has: a fast tokenizer is not thread-safe.
+    toks = [AutoTokenizer.from_pretrained(toy_models / "policy") for _ in range(2)]
     models = [AutoModelForCausalLM.from_pretrained(toy_models / "policy").eval() for _ in range(2)]
     prompts = list(TOY_EVAL_PROMPTS[:8])
 
     def answer(k: int) -> list[str]:
-        return generate_answers(models[k], tok, prompts, max_new_tokens=24, temperature=1.0, seed=10 * k)
+        return generate_answers(models[k], toks[k], prompts, max_new_tokens=24, temperature=1.0, seed=10 * k)
 
     alone = [answer(0), answer(1)]
     assert alone[0] != alone[1]
     together: dict[int, list[list[str]]] = {0: [], 1: []}
-    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2, timeout=120)  # a failing thread must not leave the other waiting
 
     def run(k: int) -> None:
-        for _ in range(3):
-            barrier.wait()
-            together[k].append(answer(k))
+        try:
+            for _ in range(3):
+                barrier.wait()
+                together[k].append(answer(k))
+        except BaseException as exc:  # reported by the main thread below
+            errors.append(exc)
+            barrier.abort()
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=300)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
     assert together[0] == [alone[0]] * 3 and together[1] == [alone[1]] * 3
