@@ -6,7 +6,8 @@
   failing on one input would), so any batch that merged such a text with others fails;
 - ``loop``: the metrics hook of the scheduling loop raises once the file named by
   ``$SCORER_TEST_TRIGGER`` exists: an error outside the per-batch error handling;
-- ``$SCORER_TEST_NOFILE=N`` lowers the file-descriptor limit to N before the service starts.
+- ``$SCORER_TEST_NOFILE=N`` lowers the file-descriptor limit (soft and hard) to N before the
+  service starts.
 
 Everything else is the unmodified service (``alignment.scoring.scorer_service.main``).
 """
@@ -58,5 +59,5 @@ if __name__ == "__main__":
         _inject_loop_fault()
     if os.environ.get("SCORER_TEST_NOFILE"):
         limit = int(os.environ["SCORER_TEST_NOFILE"])
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # the hard limit too: no raising it
     main()

@@ -7,8 +7,9 @@ for ever, normal requests timed out and every failed ``accept`` was logged. Here
 
 - a connection that has not completed its request headers ``header_timeout`` seconds after it
   opened (or after its first byte following the previous response) is closed;
-- beyond ``max_connections`` open connections, the longest-idle connection (no request in
-  progress) is closed to make room; if every connection is busy, the new one is closed;
+- beyond ``max_connections`` open connections (by default a third of the file-descriptor limit,
+  which is first raised to the hard limit), the longest-idle connection (no request in progress)
+  is closed to make room; if every connection is busy, the new one is closed;
 - each log line is let through at most a few times a minute (:class:`RepeatFilter`).
 """
 
@@ -39,16 +40,24 @@ def is_loopback(host: str) -> bool:
 
 
 def default_max_connections() -> int:
-    """Open connections allowed: well below the process's file-descriptor limit."""
+    """Open connections allowed: a third of the file descriptors (raised to the hard limit first).
+
+    Connections being accepted, open and being closed each hold a descriptor; at a third of the
+    limit a burst of all three still leaves room for the models, logs and pipes.
+    """
     try:
         import resource
 
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
     except (ImportError, OSError, ValueError):
         return 1024
     if soft == resource.RLIM_INFINITY:
         return 1024
-    return max(8, min(1024, soft - 64))  # models, logs, pipes and the listening socket need some
+    return max(8, min(1024, (soft - 32) // 3))
 
 
 def bind(host: str, port: int) -> socket.socket:
