@@ -195,3 +195,40 @@ def test_scheduler_loop_on_every_supported_python(python):
         timeout=120,
     )  # fmt: skip
     assert out.returncode == 0 and "scheduler ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_the_error_barrier_answers_unexpected_exceptions_on_a_kept_connection():
+    """Any exception that escapes a route (a bug) is a JSON 500 on a connection that stays open,
+    under the real uvicorn, not an exception that makes the server drop the connection."""
+    import socket as socket_module
+
+    import uvicorn
+
+    from alignment.scoring.gate import ErrorBarrier
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": f"{message['type']}.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/bug":
+            raise KeyError("a bug")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket_module.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(ErrorBarrier(app), log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        until(lambda: server.started, "uvicorn started")
+        with connect(f"http://127.0.0.1:{sock.getsockname()[1]}") as conn:
+            status, headers, body = exchange(conn, "GET", "/bug")
+            assert status == 500 and b"KeyError" in body and headers["content-type"] == "application/json"
+            assert exchange(conn, "GET", "/fine")[0] == 200  # the same connection
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
