@@ -111,7 +111,7 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
     scheduler = BatchScheduler(
         score_step,
         max_rows=settings.max_batch_size,
-        max_tokens=settings.max_batch_tokens,
+        max_tokens=scorer.max_batch_tokens,
         max_wait_s=settings.max_wait_ms / 1000.0,
         merge=settings.batching,
         max_queue_items=settings.max_queue_items,

@@ -17,7 +17,7 @@ class ServiceSettings:
     device: str = "auto"
     max_length: int = 512
     max_batch_size: int = 32
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None  # 16384 on a GPU, 1024 on CPU
     max_padding: float = 0.25
     max_wait_ms: float = 5.0
     batching: bool = True
@@ -73,8 +73,9 @@ def parse_args(
     p.add_argument(
         "--max-batch-tokens",
         type=_positive(int),
-        default=16384,
-        help="padded tokens (rows x longest row) per forward pass; rows are sorted by length first",
+        default=None,
+        help="padded tokens (rows x longest row) per forward pass; rows are sorted by length first "
+        "(default 16384 on a GPU, 1024 on CPU, where bigger passes are slower per row)",
     )
     p.add_argument(
         "--max-padding",
