@@ -50,3 +50,33 @@ def test_repeated_log_lines_are_rate_limited(guarded_scorer):
         httpx.post(f"{guarded_scorer.url}/score", json={"prompts": ["a"], "responses": ["b"]}).status_code
         == 200
     )
+
+
+def test_repeat_filter_holds_back_repeats_reports_them_and_spares_the_access_log():
+    import io
+    import logging
+    import time
+
+    from alignment.scoring.server import RepeatFilter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RepeatFilter(burst=3, window=0.05))
+    loggers = [logging.getLogger("test.repeats"), logging.getLogger("uvicorn.access")]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    try:
+        for i in range(10):
+            loggers[0].warning("connection %d refused", i)
+            loggers[1].info("GET /score %d", i)  # --access-log: every request, though one format
+        time.sleep(0.1)  # past the window: the next one says how many were held back
+        loggers[0].warning("connection %d refused", 99)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+            lg.propagate = True
+    text = out.getvalue()
+    assert text.count("connection") == 4 and text.count("GET /score") == 10
+    assert "connection 99 refused [7 more like this" in text

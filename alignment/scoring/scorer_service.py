@@ -13,6 +13,7 @@ given ``url="auto"``. Listening beyond loopback without ``--token`` generates a 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -251,9 +252,11 @@ def resolve_token(settings: ServiceSettings) -> tuple[str | None, str]:
         return None, "WARNING: no bearer token (--insecure-no-token): anyone who reaches the port can score"
     if is_loopback(settings.host):
         return None, f"no bearer token: listening on loopback {settings.host} only"
-    return secrets.token_urlsafe(32), (
-        f"listening on {settings.host} without --token: generated a bearer token; it is in the "
-        "address file (mode 0600), where clients given url='auto' read it"
+    token = secrets.token_urlsafe(32)
+    fingerprint = hashlib.sha256(token.encode()).hexdigest()[:12]  # to tell tokens apart, not a secret
+    return token, (
+        f"listening on {settings.host} without --token: generated a bearer token (sha256 {fingerprint}...); "
+        "it is in the address file (mode 0600), where clients given url='auto' read it"
     )
 
 

@@ -138,6 +138,8 @@ class RepeatFilter(logging.Filter):
     """Let each message (same logger, level and format string) through ``burst`` times per ``window``
     seconds; the first one let through after a quiet spell says how many were held back."""
 
+    exempt = frozenset({"uvicorn.access"})  # --access-log asks for every request, and each has one format
+
     def __init__(self, burst: int = 5, window: float = 60.0) -> None:
         super().__init__()
         self.burst, self.window = burst, window
@@ -145,6 +147,8 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in self.exempt:
+            return True
         key = (record.name, record.levelno, str(record.msg))
         now = time.monotonic()
         with self._lock:
