@@ -83,8 +83,10 @@ def test_client_survives_a_scorer_restart_mid_sequence(scorer_factory, tmp_path)
 
     thread = threading.Thread(target=restart)
     thread.start()
-    after = client.score(PROMPTS[:4], RESPONSES[:4])  # retries until the new scorer is published
-    thread.join()
+    try:
+        after = client.score(PROMPTS[:4], RESPONSES[:4])  # retries until the new scorer is published
+    finally:
+        thread.join()  # also when the retries ran out: the fixture must know the new scorer to stop it
     assert restarted["proc"].url != first.url or restarted["proc"].popen.pid != first.popen.pid
     assert after.rewards == pytest.approx(before.rewards, abs=1e-5)
     assert after.costs == pytest.approx(before.costs, abs=1e-5)
