@@ -12,11 +12,22 @@ import shutil
 from pathlib import Path
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a fsynced hidden sibling and a rename."""
+def write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
+    """Write ``text`` to ``path`` via a fsynced hidden sibling and a rename.
+
+    With ``mode`` (e.g. ``0o600`` for a file holding a secret) the file has exactly that mode from
+    the moment it is created, so the text is never readable by others, not even briefly.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    if mode is not None:
+        tmp.unlink(missing_ok=True)  # a stale temporary would keep its own mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+        opened = open(fd, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    else:
+        opened = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    with opened as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

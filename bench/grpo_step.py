@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     build_toy_models(args.models_dir)
     logs = args.out_dir / "scorer"
     logs.mkdir(parents=True, exist_ok=True)
-    # the in-process twin of the service: same checkpoints, same defaults (dtype/device auto, 2048, 32)
+    # the in-process twin of the service: same checkpoints, same defaults (dtype/device auto, max length 512, 32 rows)
     scorer = RewardCostScorer(
         load_score_model(str(args.models_dir / "reward")), load_score_model(str(args.models_dir / "cost"))
     )

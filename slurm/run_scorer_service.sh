@@ -14,7 +14,11 @@
 #   SCORER_ADDRESS_FILE=logs/scorer_address.json          where the address is published
 #   SCORER_DTYPE=<bf16 if a GPU is visible, else auto>    auto, bf16, fp16, fp32
 #   SCORER_MAX_BATCH_SIZE=32                              rows per forward pass
-#   SCORER_TOKEN=""                                       if set, clients must send this bearer token
+#   SCORER_TOKEN=""                                       if set, clients must send this bearer token;
+#                                                         if not, a non-loopback SCORER_HOST makes the
+#                                                         service generate one into the address file
+#                                                         (mode 0600), where trainers read it
+#                                                         (--insecure-no-token as an extra flag: none)
 #   LOG_DIR=logs                                          log: $LOG_DIR/scorer_service_<job id|local>.log
 #   PYTHON=.venv/bin/python (else python3)
 #
@@ -66,7 +70,7 @@ cmd=("${python_bin}" -m alignment.scoring.scorer_service
     --host "${SCORER_HOST}" --port "${SCORER_PORT}" --address-file "${SCORER_ADDRESS_FILE}"
     --dtype "${SCORER_DTYPE}" --max-batch-size "${SCORER_MAX_BATCH_SIZE}" "$@")
 log "reward=${REWARD_MODEL} cost=${COST_MODEL} port=${SCORER_PORT} dtype=${SCORER_DTYPE}" \
-    "auth=$([[ -n "${SCORER_TOKEN:-}" ]] && echo yes || echo no)"
+    "auth=$([[ -n "${SCORER_TOKEN:-}" ]] && echo SCORER_TOKEN || echo "generated unless loopback")"
 log "address file ${SCORER_ADDRESS_FILE}; log ${log_file}"
 log "running: ${cmd[*]}"
 

@@ -89,3 +89,20 @@ def persona_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     shared = os.environ.get("ALIGNMENT_TEST_MODELS")
     return build_persona_toy(Path(shared) / "persona" if shared else tmp_path_factory.mktemp("persona-toy"))
+
+
+@pytest.fixture(scope="session")
+def guarded_scorer(toy_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScorerProcess]:
+    """A scorer with tight protections, to see them act: 128 file descriptors (so about 32
+    connections), a 64-item queue, 1 s for headers and for a body."""
+    logs = tmp_path_factory.mktemp("guarded-scorer")
+    with start_scorer(
+        toy_models / "reward",
+        toy_models / "cost",
+        logs / "address.json",
+        extra_args=["--max-queue-items", "64", "--header-timeout", "1", "--body-timeout", "1"],
+        log_file=logs / "scorer.log",
+        env={"SCORER_TEST_NOFILE": "128"},
+        module="tests.faulty_scorer",
+    ) as proc:
+        yield proc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from alignment.scoring.client import ScorerClient, ScorerRequestError, ScorerUnavailableError
+from alignment.scoring.client import ScorerClient, ScorerError, ScorerRequestError, ScorerUnavailableError
 from tests.test_scorer_service import metric
 
 PROMPTS = [f"how do I bake bread {i}?" for i in range(10)]
@@ -82,8 +83,108 @@ def test_client_survives_a_scorer_restart_mid_sequence(scorer_factory, tmp_path)
 
     thread = threading.Thread(target=restart)
     thread.start()
-    after = client.score(PROMPTS[:4], RESPONSES[:4])  # retries until the new scorer is published
-    thread.join()
+    try:
+        after = client.score(PROMPTS[:4], RESPONSES[:4])  # retries until the new scorer is published
+    finally:
+        thread.join()  # also when the retries ran out: the fixture must know the new scorer to stop it
     assert restarted["proc"].url != first.url or restarted["proc"].popen.pid != first.popen.pid
     assert after.rewards == pytest.approx(before.rewards, abs=1e-5)
     assert after.costs == pytest.approx(before.costs, abs=1e-5)
+
+
+class _Stub:
+    """A real HTTP server on 127.0.0.1 answering every request with one fixed raw JSON body, and
+    recording the Authorization header of each request (None when absent)."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        stub = self
+        self.body = b"{}"
+        self.auth: list[str | None] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                stub.auth.append(self.headers.get("authorization"))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(stub.body)))
+                self.end_headers()
+                self.wfile.write(stub.body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    server = _Stub()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b'{"rewards": [NaN, 1.0], "costs": [0.1, 0.2], "truncated": []}', r"rewards\[0\] = nan"),
+        (b'{"rewards": [1.0, 2.0], "costs": [Infinity, 0.2], "truncated": []}', r"costs\[0\] = inf"),
+        (b'{"rewards": [1.0, -Infinity], "costs": [0.1, 0.2], "truncated": []}', r"rewards\[1\] = -inf"),
+        (b'{"rewards": ["1.0", 2.0], "costs": [0.1, 0.2], "truncated": []}', r"rewards\[0\] = '1.0'"),
+        (b'{"rewards": [true, 2.0], "costs": [0.1, 0.2], "truncated": []}', r"rewards\[0\] = True"),
+        (b'{"rewards": [1.0, 2.0], "costs": [0.1, null], "truncated": []}', r"costs\[1\] = None"),
+        (b'{"rewards": [1.0], "costs": [0.1, 0.2], "truncated": []}', "not a list of 2 numbers"),
+        (b'{"rewards": [1.0, 2.0], "costs": [0.1, 0.2], "truncated": [2]}', "truncated index 2"),
+        (b'{"rewards": [1.0, 2.0], "costs": [0.1, 0.2], "truncated": [-1]}', "truncated index -1"),
+        (b'{"rewards": [1.0, 2.0], "costs": [0.1, 0.2], "truncated": [false]}', "truncated index False"),
+        (b'{"rewards": [1.0, 2.0], "costs": [0.1, 0.2], "truncated": [1, 1]}', "repeated"),
+        (b"[1.0, 2.0]", "instead of a JSON object"),
+    ],
+)
+def test_malformed_scores_from_a_server_are_an_error_never_a_score(stub, body, fragment):
+    stub.body = body
+    with (
+        ScorerClient(stub.url, retries=3, backoff=0.01) as client,
+        pytest.raises(ScorerError, match=fragment),
+    ):
+        client.score(["a", "b"], ["c", "d"])
+    assert len(stub.auth) == 1  # a malformed answer is not retried
+
+
+def test_a_well_formed_answer_passes_the_checks(stub):
+    stub.body = b'{"rewards": [1, -2.5], "costs": [0.25, 0], "truncated": [1]}'
+    with ScorerClient(stub.url, retries=0) as client:
+        out = client.score(["a", "b"], ["c", "d"])
+    assert out.rewards == [1.0, -2.5] and out.costs == [0.25, 0.0] and out.truncated == [1]
+
+
+def test_the_address_files_token_goes_only_to_the_address_in_that_file(scorer_factory, stub, monkeypatch):
+    proc = scorer_factory("--token", "file-secret-" + "x" * 20)
+    monkeypatch.delenv("SCORER_TOKEN", raising=False)
+    monkeypatch.delenv("SCORER_URL", raising=False)
+    assert json.loads(proc.address_file.read_text())["token"].startswith("file-secret-")
+    with ScorerClient("auto", address_file=proc.address_file, retries=0) as client:
+        assert len(client.score(["a"], ["b"])) == 1  # the token was read along with the URL
+    stub.body = b'{"rewards": [1.0], "costs": [0.5], "truncated": []}'
+    with ScorerClient(stub.url, address_file=proc.address_file, retries=0) as client:
+        client.score(["a"], ["b"])  # an explicit URL: the file's token is not for it
+    monkeypatch.setenv("SCORER_URL", stub.url)
+    with ScorerClient("auto", address_file=proc.address_file, retries=0) as client:
+        client.score(["a"], ["b"])  # $SCORER_URL wins over the file: still not the file's address
+    assert stub.auth == [None, None]
+    monkeypatch.delenv("SCORER_URL")
+    client = ScorerClient("auto", address_file=proc.address_file, token="given", retries=0)
+    with client, pytest.raises(ScorerRequestError) as err:  # an explicit token is used as given
+        client.score(["a"], ["b"])
+    assert err.value.status == 401

@@ -41,6 +41,7 @@ def test_health_reports_models_and_device(scorer, toy_models):
     body = httpx.get(f"{scorer.url}/health").json()
     assert body["status"] == "healthy" and body["device"] == "cpu"
     assert body["reward_model"].endswith("reward") and body["cost_model"].endswith("cost")
+    assert body["max_length"] == 512  # the study's (and Beaver's training) length unless told otherwise
 
 
 def test_scores_equal_in_process_scoring(scorer, in_process):
@@ -239,6 +240,7 @@ def test_service_runs_as_module_and_as_script(form):
     )
     assert out.returncode == 0, out.stderr
     assert "--reward-model" in out.stdout and "--address-file" in out.stdout
+    assert "default 512" in " ".join(out.stdout.split())  # --max-length, with the reason
 
 
 def test_fixed_prompt_table_ranks_the_contrasting_answers(scorer, capsys):

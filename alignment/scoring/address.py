@@ -1,8 +1,9 @@
 """The scorer's address file: how jobs find the scorer without anyone pasting a hostname.
 
-The service writes ``{"url": ..., "host": ..., "port": ..., ...}`` atomically once it listens;
-clients given ``url="auto"`` read it (again after a connection failure, so a scorer restarted on
-another node or port is found).
+The service writes ``{"url": ..., "host": ..., "port": ..., "token": ..., ...}`` atomically, with
+mode 0600 (it may hold the bearer token), once it listens; clients given ``url="auto"`` read it
+(again after a connection failure, so a scorer restarted on another node or port is found). The
+token in the file belongs to the URL in the same file and is sent nowhere else.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignment.atomic import write_text
 
 ADDRESS_FILE_ENV = "SCORER_ADDRESS_FILE"
 DEFAULT_ADDRESS_FILE = Path("logs") / "scorer_address.json"
@@ -39,8 +43,10 @@ def reachable_host(bind_host: str) -> str:
     return name if ip.startswith("127.") else ip
 
 
-def write_address_file(path: str | Path, bind_host: str, port: int, **extra: Any) -> dict[str, Any]:
-    """Atomically write the address file and return what was written."""
+def write_address_file(
+    path: str | Path, bind_host: str, port: int, token: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Atomically write the address file (mode 0600) and return what was written."""
     host = reachable_host(bind_host)
     url_host = f"[{host}]" if ":" in host else host
     info = {
@@ -53,16 +59,24 @@ def write_address_file(path: str | Path, bind_host: str, port: int, **extra: Any
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
+    if token is not None:
+        info["token"] = token
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(info, indent=2) + "\n", mode=0o600)
     return info
 
 
-def read_address_file(path: str | Path | None = None) -> str:
-    """The URL in the address file; a clear error when there is none yet."""
+@dataclass(frozen=True)
+class ScorerAddress:
+    """The URL of a scorer and the bearer token to send to that URL (None: no token)."""
+
+    url: str
+    token: str | None = None
+
+
+def read_address(path: str | Path | None = None) -> ScorerAddress:
+    """URL and token from one reading of the address file; a clear error when there is none yet."""
     path = Path(path) if path is not None else default_address_file()
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -76,7 +90,15 @@ def read_address_file(path: str | Path | None = None) -> str:
     url = info.get("url") if isinstance(info, dict) else None
     if not isinstance(url, str) or not url.startswith("http"):
         raise ValueError(f"scorer address file {path} has no 'url' entry")
-    return url
+    token = info.get("token")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError(f"scorer address file {path} has a 'token' that is not a non-empty string")
+    return ScorerAddress(url.rstrip("/"), token)
+
+
+def read_address_file(path: str | Path | None = None) -> str:
+    """The URL in the address file; a clear error when there is none yet."""
+    return read_address(path).url
 
 
 def remove_address_file(path: str | Path) -> None:

@@ -4,15 +4,22 @@
     scores = client.score(prompts, responses)   # scores.rewards, scores.costs
 
 Large calls are split into requests of ``batch_size`` items, sent concurrently. Connection errors,
-timeouts and 5xx answers are retried with exponential backoff (tenacity); 4xx answers are not
-retried. When the retries are used up the client raises :class:`ScorerUnavailableError`: it never
-returns made-up scores (zeros for a failed request silently corrupt training).
+timeouts and 5xx answers are retried with exponential backoff and jitter (tenacity; a 503's
+``Retry-After`` is honoured); 4xx answers are not retried. When the retries are used up the client
+raises :class:`ScorerUnavailableError`: it never returns made-up scores (zeros for a failed request
+silently corrupt training). An answer whose scores are not finite numbers, or whose ``truncated``
+indices are out of range, is a :class:`ScorerError`, never a score.
+
+With ``url="auto"`` the URL and the bearer token come from one reading of the address file; that
+token is sent only to that URL.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,15 +28,15 @@ from typing import Any
 
 import httpx
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     before_sleep_log,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
-from alignment.scoring.address import default_address_file, read_address_file
+from alignment.scoring.address import ScorerAddress, default_address_file, read_address
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +73,20 @@ class Scores:
 
 
 class _ServerError(Exception):
-    """A 5xx answer: retried like a connection error."""
+    """A 5xx answer: retried like a connection error (after ``retry_after`` seconds when given)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status}: {message}")
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # absent, or an HTTP date: fall back to the exponential backoff
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -93,13 +110,48 @@ def _check_strings(name: str, values: Sequence[str]) -> list[str]:
     return list(values)
 
 
+def _numbers(route: str, name: str, values: object, size: int) -> list[float]:
+    if not isinstance(values, list) or len(values) != size:
+        raise ScorerError(f"scorer answered {route} with {name} that is not a list of {size} numbers")
+    out = []
+    for i, v in enumerate(values):
+        # bool is an int in Python and json.loads turns NaN/Infinity into floats: neither is a score
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ScorerError(f"scorer answered {route} with {name}[{i}] = {v!r}, not a finite number")
+        out.append(float(v))
+    return out
+
+
+def _indices(route: str, values: object, size: int) -> list[int]:
+    if not isinstance(values, list):
+        raise ScorerError(f"scorer answered {route} with truncated = {values!r:.100}, not a list")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size:
+            raise ScorerError(
+                f"scorer answered {route} with truncated index {v!r}, not an item index of 0..{size - 1}"
+            )
+    if len(set(values)) != len(values):
+        raise ScorerError(f"scorer answered {route} with repeated truncated indices {values!r:.100}")
+    return list(values)
+
+
+def check_answer(route: str, answer: object, size: int) -> Scores:
+    """The scores in a scorer's answer for ``size`` items; :class:`ScorerError` if malformed."""
+    if not isinstance(answer, dict):
+        raise ScorerError(f"scorer answered {route} with {answer!r:.200} instead of a JSON object")
+    rewards = _numbers(route, "rewards", answer.get("rewards"), size)
+    costs = _numbers(route, "costs", answer.get("costs"), size)
+    return Scores(rewards, costs, _indices(route, answer.get("truncated", []), size))
+
+
 class ScorerClient:
     """Thread-safe client of the scorer service.
 
     Args:
         url: ``http://host:port``, or ``"auto"``/``None`` to read the address file (``$SCORER_URL``
             wins when set). With ``auto`` the file is read again before each retry.
-        token: bearer token (default ``$SCORER_TOKEN``).
+        token: bearer token (default ``$SCORER_TOKEN``; with ``auto`` and neither, the token in the
+            address file, sent only to the URL in that file).
         timeout: seconds for one HTTP request.
         retries: retries after the first attempt for connection errors, timeouts and 5xx.
         batch_size: items per HTTP request.
@@ -129,23 +181,36 @@ class ScorerClient:
         self._auto = url == "auto"
         self._address_file = Path(address_file) if address_file else None
         self._url = None if self._auto else url.rstrip("/")
-        token = token if token is not None else os.environ.get(TOKEN_ENV)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
         self.timeout, self.retries, self.batch_size = timeout, retries, batch_size
         self.backoff, self.max_backoff, self.max_concurrency = backoff, max_backoff, max(1, max_concurrency)
         self._http = httpx.Client(
-            headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=self.max_concurrency * 2),
         )
 
+    def _address(self) -> ScorerAddress:
+        """Where to send a request and the token for exactly that place."""
+        if self._auto:
+            found = read_address(self._address_file or default_address_file())
+            return ScorerAddress(found.url, self._token or found.token)
+        assert self._url is not None
+        return ScorerAddress(self._url, self._token)
+
     @property
     def url(self) -> str:
         """The scorer's base URL (reads the address file when ``auto``)."""
-        if self._auto:
-            return read_address_file(self._address_file or default_address_file()).rstrip("/")
-        assert self._url is not None
-        return self._url
+        return self._address().url
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, at least a 503's Retry-After (any tenacity >= 8.2)."""
+        delay = min(self.max_backoff, self.backoff * 2 ** (state.attempt_number - 1))
+        delay += random.uniform(0, self.backoff)
+        exc = state.outcome.exception() if state.outcome is not None else None
+        hinted = getattr(exc, "retry_after", None)
+        if hinted is not None:
+            delay = max(delay, min(float(hinted), self.max_backoff))
+        return delay
 
     def close(self) -> None:
         self._http.close()
@@ -159,7 +224,7 @@ class ScorerClient:
     def _request(self, method: str, route: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         retrying = Retrying(
             stop=stop_after_attempt(self.retries + 1),
-            wait=wait_exponential_jitter(multiplier=self.backoff, max=self.max_backoff, jitter=self.backoff),
+            wait=self._wait,
             retry=retry_if_exception(_retryable),
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=False,
@@ -168,13 +233,20 @@ class ScorerClient:
         try:
             for attempt in retrying:
                 with attempt:
-                    target = f"{self.url}{route}"
-                    response = self._http.request(method, target, json=payload)
+                    address = self._address()
+                    target = f"{address.url}{route}"
+                    headers = {"Authorization": f"Bearer {address.token}"} if address.token else {}
+                    response = self._http.request(method, target, json=payload, headers=headers)
                     if response.status_code >= 500:
-                        raise _ServerError(response.status_code, _message(response))
+                        raise _ServerError(response.status_code, _message(response), _retry_after(response))
                     if response.status_code >= 400:
                         raise ScorerRequestError(response.status_code, _message(response))
-                    return response.json()
+                    try:
+                        return response.json()
+                    except ValueError as exc:
+                        raise ScorerError(
+                            f"scorer answered {target} with a body that is not JSON: {exc}"
+                        ) from exc
         except RetryError as exc:
             last = exc.last_attempt.exception()
             raise ScorerUnavailableError(
@@ -198,14 +270,10 @@ class ScorerClient:
         truncated: list[int] = []
         offset = 0
         for answer, size in zip(answers, sizes, strict=True):
-            r, c = answer.get("rewards"), answer.get("costs")
-            if not isinstance(r, list) or not isinstance(c, list) or len(r) != size or len(c) != size:
-                raise ScorerError(
-                    f"scorer answered {route} with a malformed body for {size} items: {answer!r:.300}"
-                )
-            rewards += [float(x) for x in r]
-            costs += [float(x) for x in c]
-            truncated += [offset + int(i) for i in answer.get("truncated", [])]
+            part = check_answer(route, answer, size)
+            rewards += part.rewards
+            costs += part.costs
+            truncated += [offset + i for i in part.truncated]
             offset += size
         if truncated:
             logger.warning("%d of %d texts were truncated by the scorer", len(truncated), offset)

@@ -67,12 +67,13 @@ def start_scorer(
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
     num_threads: int | None = None,
+    module: str = "alignment.scoring.scorer_service",
 ) -> ScorerProcess:
-    """Launch ``python -m alignment.scoring.scorer_service`` and wait for its address and /health."""
+    """Launch ``python -m <module>`` (the scorer service) and wait for its address and /health."""
     address_file = Path(address_file)
     address_file.unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "alignment.scoring.scorer_service",
+        sys.executable, "-m", module,
         "--reward-model", str(reward_model), "--cost-model", str(cost_model),
         "--host", host, "--port", str(port), "--address-file", str(address_file), *extra_args,
     ]  # fmt: skip

@@ -18,9 +18,18 @@ class ScorerMetrics:
         self.requests = Counter("scorer_requests", "HTTP requests", ["route", "status"], registry=r)
         self.items = Counter("scorer_items", "texts scored", registry=r)
         self.truncated = Counter("scorer_truncated_items", "texts truncated to --max-length", registry=r)
+        self.dropped = Counter(
+            "scorer_dropped_items", "texts of callers that went away, dropped before scoring", registry=r
+        )
+        self.forward_tokens = Counter(
+            "scorer_forward_tokens",
+            "tokens through the models, by kind (real or padding)",
+            ["kind"],
+            registry=r,
+        )
         self.merged_batch_size = Histogram(
             "scorer_merged_batch_items",
-            "texts per merged batch (all requests scored together)",
+            "texts per merged batch (a step of the scheduler: all requests scored together)",
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
@@ -53,6 +62,8 @@ class ScorerMetrics:
         for n in stats.forward_batch_sizes:
             self.forward_batch_size.observe(n)
         self.forward_time.observe(stats.forward_seconds)
+        self.forward_tokens.labels(kind="real").inc(stats.real_tokens)
+        self.forward_tokens.labels(kind="padding").inc(stats.padded_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -55,6 +55,12 @@ def end_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(dim=-1)
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is attended tokens followed only by padding. (B, L) -> bool."""
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions that start at 0 at each row's first attended token.
 
@@ -94,11 +100,16 @@ class LlamaForScore(LlamaPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (B, L) -> end scores (B, score_dim)."""
+        # Right padding needs no mask and plain positions 0..L-1: causal attention already hides
+        # every later position, padding included, from each attended token, and the score is read
+        # at the last attended one. A mask (or positions that repeat, which transformers reads as
+        # packed sequences) sends SDPA to a masked kernel: 1.5-2.7x slower per row on CPU, measured.
+        if is_right_padded(attention_mask):
+            trunk_mask, positions = None, None
+        else:
+            trunk_mask, positions = attention_mask, position_ids_from_mask(attention_mask)
         hidden = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
+            input_ids=input_ids, attention_mask=trunk_mask, position_ids=positions, use_cache=False
         ).last_hidden_state  # (B, L, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         end_hidden = hidden[rows, end_positions(attention_mask)]  # (B, H)

@@ -30,7 +30,11 @@ def _check(url: str, token: str | None) -> str | None:
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__} from {url}: {exc}"
     if resp.status_code != 200:
-        return f"HTTP {resp.status_code} from {url}/health"
+        try:
+            why = resp.json().get("error")
+        except (ValueError, AttributeError):
+            why = None
+        return f"HTTP {resp.status_code} from {url}/health" + (f" ({why})" if why else "")
     try:
         status = resp.json().get("status")
     except (ValueError, AttributeError):
