@@ -157,7 +157,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.o
 def optimizer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float
 ) -> float:
-    """Clip (if ``grad_clip`` > 0), step, zero the gradients, advance the LR; returns the gradient norm."""
+    """Clip (if ``grad_clip`` > 0), step, zero the gradients, advance the LR (unless ``scheduler`` is
+    None); returns the gradient norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
@@ -167,5 +168,6 @@ def optimizer_step(
         )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     return norm

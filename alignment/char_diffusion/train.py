@@ -24,7 +24,7 @@ from alignment.char_diffusion.loop import run_supervised
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.model import Generator, ModelArgs
 from alignment.char_diffusion.runtime import Runtime, setup_runtime, slot_generator
-from alignment.config import add_dataclass_args, config_from_args
+from alignment.config import ConfigError, add_dataclass_args, config_from_args
 
 logger = logging.getLogger("alignment.char_diffusion.train")
 
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     add_dataclass_args(p, PretrainConfig)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(PretrainConfig, a, a.config)
-    out = pretrain(cfg, resume=a.resume)
+    try:
+        out = pretrain(config_from_args(PretrainConfig, a, a.config), resume=a.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
     print(f"generator: {out['checkpoint']}  val {out['eval']}")
 
 
