@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignment.char_diffusion.masking import Strategy
-
-KLEstimator = Literal["exact", "k1", "k2", "k3"]
+from alignment.pg.advantages import Baseline, Scale
+from alignment.pg.kl import KLEstimator
 
 
 def _help(text: str) -> dict:
@@ -96,10 +96,22 @@ class JudgeConfig(ModelShape, RunConfig):
 
     out_dir: str = "out-judge"
     generator_checkpoint: str = field(default="out-char-diffusion/ckpt.pt", metadata=_help("frozen filler"))
+    init_from_generator: bool = field(
+        default=True,
+        metadata=_help("start the judge's body from the generator's (its shape is then the generator's)"),
+    )
     mask_min: float = 0.0
     mask_max: float = 0.5
+    fills_per_block: int = field(
+        default=4, metadata=_help("fills of each masked block (rows = batch_size × this)")
+    )
     temperature: float = 0.8
     top_p: float = 0.95
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
 
 @dataclass
@@ -119,7 +131,12 @@ class GRPOConfig(RunConfig):
     )
     temperature: float = 0.8
     top_p: float = 0.95
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: Scale = field(
+        default="group", metadata=_help("divide by the group's std, the batch's, or none")
+    )
+    advantage_baseline: Baseline = field(
+        default="mean", metadata=_help("mean (GRPO) or leave_one_out (RLOO)")
+    )
     advantage_eps: float = 1e-4
     num_inner_epochs: int = field(default=1, metadata=_help("updates per batch of fills (clipped ratio)"))
     clip_eps: float = 0.2
