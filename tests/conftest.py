@@ -80,3 +80,12 @@ def scorer_factory(toy_models: Path, tmp_path: Path) -> Iterator:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def char_diffusion_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The tiny synthetic character-diffusion pipeline, built once: paths of its text, prepared data,
+    generator checkpoint and judge checkpoint (alignment.char_diffusion.build.TINY, a few seconds)."""
+    from alignment.char_diffusion.build import TINY, build
+
+    return build(tmp_path_factory.mktemp("char-diffusion"), TINY)

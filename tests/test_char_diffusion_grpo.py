@@ -148,7 +148,7 @@ def test_policy_gradient_matches_the_formula_and_raises_better_fills():
     assert new[0, 0] + new[1, 1] > logp[0, 0] + logp[1, 1]
     assert new[0, 1] + new[1, 3] < logp[0, 1] + logp[1, 3]
     assert set(SEED_METRICS) | {"zero_spread_fraction", "fill_accuracy"} <= set(metrics)
-    fill_logp = [float(logp[0, draws[j, 0]] + logp[1, draws[j, 1]]) / 2 for j in range(3)]
+    fill_logp = [float((logp[0, draws[j, 0]] + logp[1, draws[j, 1]]).detach()) / 2 for j in range(3)]
     assert metrics["mean_log_prob"] == pytest.approx(sum(fill_logp) / 3, abs=1e-9)
 
 
