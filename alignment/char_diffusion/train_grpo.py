@@ -102,8 +102,9 @@ def _write_samples(cfg: GRPOConfig, tracker: Any, text: str, step: int) -> None:
 
 
 def train_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) GRPO; returns the held-out evaluations ``[(iteration, {...})]``, the last
-    metrics and the checkpoint path."""
+    """Run (or resume) GRPO; returns the held-out evaluations ``[(iteration, {...})]`` (rank 0), the
+    last metrics, the checkpoint path, the trained policy module and the class it ran wrapped in
+    (``DistributedDataParallel`` under torchrun)."""
     data = CharData(cfg.dataset)
     policy, reference, judge = load_models(cfg, data)
     rt = rt_.setup_runtime(cfg)
@@ -200,7 +201,8 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
     finally:
         if tracker is not None:
             tracker.close()
-    return {"evals": evals, "metrics": last, "checkpoint": str(ckpt_path), "iterations": cfg.max_iters}
+    return {"evals": evals, "metrics": last, "checkpoint": str(ckpt_path), "iterations": cfg.max_iters,
+            "policy": policy, "wrapper": type(ddp).__name__}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
