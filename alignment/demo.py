@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.char_diffusion.demo import run_char_diffusion_demo
 from alignment.config import load_config
 from alignment.es.config import ESConfig
 from alignment.es.train_es_alignment import run_es
@@ -147,7 +148,8 @@ def run_demo(
         *(f"Figure: {f}" for f in figures),
         f"TensorBoard: tensorboard --logdir {logs_dir}   (then open http://localhost:6006)",
     ])  # fmt: skip
-    return "\n\n".join([table, es_table, grpo_table, quadrants, where])
+    diffusion = run_char_diffusion_demo(models_dir.parent / "char_diffusion", logs_dir / "char_diffusion")
+    return "\n\n".join([table, es_table, grpo_table, quadrants, "\n".join(diffusion), where])
 
 
 def main(argv: list[str] | None = None) -> None:
