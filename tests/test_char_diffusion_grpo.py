@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignment.char_diffusion.config import GRPOConfig
-from alignment.char_diffusion.grpo import Rollout, grpo_loss, rollout
+from alignment.char_diffusion.grpo import Rollout, grpo_loss, rescore, rollout
 from alignment.char_diffusion.model import Generator, Judge, ModelArgs
 from alignment.char_diffusion.sampling import (
     draw_fills,
@@ -228,3 +228,26 @@ def test_rewards_advantages_and_accuracy_of_a_rollout():
     ro2, _ = rollout(gen, ref, judge, tokens, tokens.masked_fill(mask, 4), mask, none, BANNED,
                      torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.allclose(ro2.advantages, centred, atol=1e-6)
+
+
+def test_a_later_inner_epoch_rescores_the_same_fills_with_one_forward_and_clips():
+    gen, ref, judge = _models()
+    policy = Counting(gen)
+    tokens = torch.randint(0, 4, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 2:5] = True
+    cfg = GRPOConfig(group_size=4, kl_beta=0.0, clip_eps=0.2)
+    ro, dist = rollout(policy, ref, judge, tokens, tokens.masked_fill(mask, 4), mask, cfg, BANNED,
+                       torch.Generator().manual_seed(0))  # fmt: skip
+    loss, first = grpo_loss(dist, ro, cfg)
+    assert first["ratio_mean"] == pytest.approx(1.0) and first["clip_fraction"] == 0.0
+    loss.backward()
+    with torch.no_grad():  # a large step, so that the ratio leaves [0.8, 1.2] somewhere
+        for p in gen.parameters():
+            p -= 5.0 * p.grad.sign() * 0.05
+    calls = policy.calls
+    dist2 = rescore(policy, ro, cfg, BANNED)
+    assert policy.calls == calls + 1  # one forward for the whole group again
+    assert torch.isinf(dist2[~ro.keep]).all() and torch.isfinite(dist2[ro.keep]).all()  # same support
+    _, second = grpo_loss(dist2, ro, cfg)
+    assert second["ratio_mean"] != pytest.approx(1.0) and second["clip_fraction"] > 0.0

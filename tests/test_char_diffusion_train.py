@@ -162,3 +162,13 @@ def test_resume_refuses_a_checkpoint_with_unexpected_keys(char_diffusion_models,
         ValueError, match=rf"{path}: state dict does not match the model: .*unexpected keys \['body\.extra'\]"
     ):
         train_grpo(_grpo_cfg(char_diffusion_models, tmp_path / "r", max_iters=2), resume=True)
+
+
+def test_grpo_with_bfloat16_autocast_and_inner_epochs(char_diffusion_models, tmp_path):
+    # the GPU recipe's code path (autocast to bfloat16), run here on CPU
+    out = train_grpo(_grpo_cfg(char_diffusion_models, tmp_path / "bf16", max_iters=1, dtype="bfloat16",
+                               num_inner_epochs=2))  # fmt: skip
+    rows = [r for r in read_jsonl_metrics(tmp_path / "bf16" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 1 and all(isinstance(rows[0][k], float) for k in METRICS)
+    assert rows[0]["ratio_mean"] != 1.0  # the second update saw the weights the first one changed
+    assert out["wrapper"] == "Generator"  # one process: no DDP wrapper
