@@ -172,3 +172,14 @@ def test_grpo_with_bfloat16_autocast_and_inner_epochs(char_diffusion_models, tmp
     assert len(rows) == 1 and all(isinstance(rows[0][k], float) for k in METRICS)
     assert rows[0]["ratio_mean"] != 1.0  # the second update saw the weights the first one changed
     assert out["wrapper"] == "Generator"  # one process: no DDP wrapper
+
+
+def test_resume_refuses_another_judge(char_diffusion_models, tmp_path):
+    m = char_diffusion_models
+    train_grpo(_grpo_cfg(m, tmp_path / "r", max_iters=1, gradient_accumulation_steps=1))
+    ckpt = read_checkpoint(m["judge"])
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 1.0
+    other = tmp_path / "other-judge.pt"
+    torch.save(ckpt, other)
+    with pytest.raises(ValueError, match=rf"the judge model differs .*judge_checkpoint {other} changed"):
+        train_grpo(_grpo_cfg(m, tmp_path / "r", max_iters=2, judge_checkpoint=str(other)), resume=True)

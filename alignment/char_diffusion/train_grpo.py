@@ -127,10 +127,10 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
     start = 0
     if resume:
         ckpt = resume_state(ckpt_path, policy, data.vocab, optimizer, scheduler)
-        for key in ("reference_fingerprint", "judge_fingerprint"):
-            if ckpt["extra"].get(key) != frozen[key]:
-                raise ValueError(f"{ckpt_path}: the {key.split('_')[0]} differs from the one this run started "
-                                 f"with ({frozen[key.split('_')[0] + '_checkpoint']} changed?)")  # fmt: skip
+        for what, source in (("reference", "generator_checkpoint"), ("judge", "judge_checkpoint")):
+            if ckpt["extra"].get(f"{what}_fingerprint") != frozen[f"{what}_fingerprint"]:
+                raise ValueError(f"{ckpt_path}: the {what} model differs from the one this run started with "
+                                 f"({source} {frozen[source]} changed?)")  # fmt: skip
         start = ckpt["iteration"]
     ddp = rt_.wrap_ddp(policy, rt)
     tracker = open_tracker(cfg, rt)
