@@ -32,9 +32,10 @@ def corrupt_with_fills(generator: nn.Module, tokens: torch.Tensor, inp: torch.Te
     return filled.flatten(0, 1), target.flatten()
 
 
-def judge_loss(judge: nn.Module, blocks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy between sigmoid(judge) and the corrupted fraction (a soft label in [0, 1])."""
-    return F.binary_cross_entropy_with_logits(judge(blocks).float(), target)
+def judge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy between sigmoid(logits) float[M] and the corrupted fraction float[M]
+    (a soft label in [0, 1])."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
 
 
 @torch.no_grad()

@@ -60,9 +60,9 @@ def judge_batch(judge: nn.Module, gen: nn.Module, data: CharData, cfg: JudgeConf
     fill_rng = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=rng)))
     filled, target = corrupt_with_fills(gen, tokens, inp, mask, cfg.temperature, cfg.top_p, data.vocab.special_ids,
                                         cfg.fills_per_block, fill_rng)  # fmt: skip
-    loss = judge_loss(judge, filled, target)
-    with torch.no_grad():
-        mae = float((torch.sigmoid(judge(filled).float()) - target).abs().mean())
+    logits = judge(filled).float()
+    loss = judge_loss(logits, target)
+    mae = float((torch.sigmoid(logits.detach()) - target).abs().mean())
     return loss, {"mae": mae, "target_mean": float(target.mean())}
 
 
@@ -82,7 +82,7 @@ def evaluate_judge(
             logits = judge(filled).float()
         preds.append(torch.sigmoid(logits))
         targets.append(target)
-        losses.append(float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target)))
+        losses.append(float(judge_loss(logits, target)))
     p, t = torch.cat(preds), torch.cat(targets)
     corr = float(torch.corrcoef(torch.stack([p, t]))[0, 1]) if p.std() > 0 and t.std() > 0 else 0.0
     return {"loss": sum(losses) / len(losses), "mae": float((p - t).abs().mean()), "corr": corr}
