@@ -44,22 +44,40 @@ def random_mask(ratios: torch.Tensor, length: int, generator: torch.Generator) -
     return ranks < _counts(ratios, length)[:, None]
 
 
-def span_mask(
-    ratios: torch.Tensor, length: int, generator: torch.Generator, span_mean: float
-) -> torch.Tensor:
-    """bool[B, T] of spans (geometric lengths, mean ``span_mean`` >= 1), exactly the target count."""
+def span_mask(ratios: torch.Tensor, length: int, generator: torch.Generator, span_mean: float) -> torch.Tensor:
+    """bool[B, T] of spans (geometric lengths, mean ``span_mean`` >= 1), exactly the target count.
+
+    Spans are laid down in order (all rows at once) and the first ``count`` positions they cover are
+    kept, so the last span may be cut short. A row whose candidate spans cover too little (rare:
+    about three times the count is drawn) gets further spans one at a time.
+    """
     if span_mean < 1.0:
         raise ValueError(f"span_mean must be >= 1, got {span_mean}")
-    mask = torch.zeros(len(ratios), length, dtype=torch.bool)
-    stop = 1.0 / span_mean  # geometric on {1, 2, ...} with mean span_mean
-    for row, count in enumerate(_counts(ratios, length).tolist()):
-        while (have := int(mask[row].sum())) < count:
+    counts = _counts(ratios, length)
+    batch = len(ratios)
+    n_spans = int(3 * int(counts.max()) / span_mean) + 2
+    starts = torch.randint(length, (batch, n_spans), generator=generator)
+    spans = _geometric(torch.rand(batch, n_spans, generator=generator), span_mean)
+    pos = torch.arange(length)
+    covers = (pos >= starts[..., None]) & (pos < (starts + spans)[..., None])  # [B, S, T]
+    first = torch.where(covers.any(1), covers.float().argmax(1), n_spans)  # first span over each position
+    order = (first * length + pos).argsort(1).argsort(1)  # rank of each position in painting order
+    mask = (order < counts[:, None]) & (first < n_spans)
+    for row in (mask.sum(1) < counts).nonzero().flatten().tolist():
+        while (have := int(mask[row].sum())) < int(counts[row]):
             start = int(torch.randint(length, (1,), generator=generator))
-            u = float(torch.rand(1, generator=generator))
-            span = 1 if stop >= 1.0 else 1 + int(math.log1p(-u) / math.log1p(-stop))
-            free = (~mask[row, start : start + span]).nonzero().flatten()[: count - have] + start
+            span = int(_geometric(torch.rand(1, generator=generator), span_mean))
+            free = (~mask[row, start : start + span]).nonzero().flatten()[: int(counts[row]) - have] + start
             mask[row, free] = True
     return mask
+
+
+def _geometric(u: torch.Tensor, mean: float) -> torch.Tensor:
+    """Geometric lengths on {1, 2, ...} with the given mean, from uniforms ``u`` in [0, 1)."""
+    stop = 1.0 / mean
+    if stop >= 1.0:
+        return torch.ones_like(u, dtype=torch.long)
+    return 1 + (torch.log1p(-u) / math.log1p(-stop)).long()
 
 
 def sticky_mask(
