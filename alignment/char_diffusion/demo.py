@@ -22,9 +22,12 @@ from alignment.config import load_config
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-GRPO = {"batch_size": 8, "gradient_accumulation_steps": 1, "group_size": 8, "max_iters": 120, "learning_rate": 2e-4,
-        "min_lr": 2e-5, "warmup_iters": 5, "eval_interval": 40, "eval_iters": 4, "eval_batch_size": 32,
-        "save_interval": 1000, "sample_interval": 40}  # fmt: skip
+# kl_beta 1.0 (the recipe's is 0.1): a judge this small is exploitable, and with 0.1 some seeds see the
+# reward rise while fill_accuracy falls (judge hacking); the strong penalty keeps the policy where the
+# judge is right (reward and accuracy both rose over four seeds of the whole build)
+GRPO = {"batch_size": 8, "gradient_accumulation_steps": 1, "group_size": 8, "max_iters": 240, "learning_rate": 2e-4,
+        "min_lr": 2e-5, "warmup_iters": 5, "kl_beta": 1.0, "eval_interval": 80, "eval_iters": 8,
+        "eval_batch_size": 32, "save_interval": 1000, "sample_interval": 80}  # fmt: skip
 
 
 def run_char_diffusion_demo(models_dir: str | Path = "models/char_diffusion",
@@ -40,7 +43,8 @@ def run_char_diffusion_demo(models_dir: str | Path = "models/char_diffusion",
     before, after = result["evals"][0][1], result["evals"][-1][1]
     n = cfg.eval_iters * cfg.eval_batch_size
     return [
-        f"Character diffusion GRPO ({cfg.max_iters} iterations, group {cfg.group_size}) on {n} held-out masked blocks",
+        f"Character diffusion GRPO ({cfg.max_iters} iterations, group {cfg.group_size}, kl_beta {cfg.kl_beta:g}) "
+        f"on {n} held-out masked blocks",
         f"{'':8} {'judge reward':>13} {'fill accuracy':>14}",
         f"{'before':8} {before['mean_reward']:13.4f} {before['fill_accuracy']:14.4f}",
         f"{'after':8} {after['mean_reward']:13.4f} {after['fill_accuracy']:14.4f}",
