@@ -43,7 +43,7 @@ def run_char_diffusion_demo(models_dir: str | Path = "models/char_diffusion",
     before, after = result["evals"][0][1], result["evals"][-1][1]
     n = cfg.eval_iters * cfg.eval_batch_size
     return [
-        f"Character diffusion GRPO ({cfg.max_iters} iterations, group {cfg.group_size}, kl_beta {cfg.kl_beta:g}) "
+        f"Character diffusion GRPO ({cfg.max_iters} iterations, group {cfg.group_size}, kl_beta {cfg.kl_beta}) "
         f"on {n} held-out masked blocks",
         f"{'':8} {'judge reward':>13} {'fill accuracy':>14}",
         f"{'before':8} {before['mean_reward']:13.4f} {before['fill_accuracy']:14.4f}",
