@@ -5,7 +5,6 @@ weights on both ranks."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +30,8 @@ def _config(models: dict[str, str], out: Path, accumulation: int) -> GRPOConfig:
 def test_two_gloo_ranks_average_gradients_and_agree(char_diffusion_models, tmp_path):
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(config_to_dict(_config(char_diffusion_models, tmp_path / "ddp", 1))))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "0", "--rdzv_backend", "c10d",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",  # = torchrun "--master_port", "0", "--rdzv_backend", "c10d",
            "--rdzv_endpoint", "127.0.0.1:0", str(REPO / "tests" / "char_diffusion_ddp_worker.py"),
            str(cfg_file), str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
