@@ -5,6 +5,7 @@ weights on both ranks."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +28,31 @@ def _config(models: dict[str, str], out: Path, accumulation: int) -> GRPOConfig:
         "eval_batch_size": 2, "save_interval": 100, "device": "cpu", "backend": "gloo"})  # fmt: skip
 
 
+def _run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout the whole group (torchrun and its workers) is
+    killed, so no rank outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"torchrun did not finish in {timeout} s\n{out[-2000:]}\n{err[-2000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_two_gloo_ranks_average_gradients_and_agree(char_diffusion_models, tmp_path):
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(config_to_dict(_config(char_diffusion_models, tmp_path / "ddp", 1))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",  # = torchrun "--master_port", "0", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "127.0.0.1:0", str(REPO / "tests" / "char_diffusion_ddp_worker.py"),
-           str(cfg_file), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # python -m torch.distributed.run is torchrun, for the interpreter running the tests
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
+           str(REPO / "tests" / "char_diffusion_ddp_worker.py"), str(cfg_file), str(tmp_path)]  # fmt: skip
+    proc = _run_group(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2 and ranks[0]["world"] == 2
