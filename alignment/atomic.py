@@ -50,3 +50,14 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_symlink(link: str | Path, target: str | Path) -> None:
+    """Point the symlink ``link`` at ``target`` (kept as given, e.g. relative) in one rename: a reader
+    follows either the old target or the new one, never a missing link."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -56,6 +56,40 @@ def truncate_at_stop(response: str, stop_markers: Sequence[str] = STOP_MARKERS) 
     return response[:cut].rstrip()
 
 
+class GumbelNoise:
+    """A logits processor that turns greedy decoding into sampling with its own ``torch.Generator``.
+
+    argmax(scores + G) with G i.i.d. standard Gumbel is an exact sample of softmax(scores), so
+    ``generate(do_sample=False)`` with this processor last samples without touching torch's global
+    RNG (HF ``generate`` takes no generator: its sampler calls ``torch.multinomial`` on the global
+    one, which every thread shares and reseeds).
+    """
+
+    def __init__(self, generator) -> None:
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        """``scores``: (batch, vocab) float logits after the warpers; -inf entries stay impossible."""
+        import torch
+
+        u = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
+        u.clamp_(min=torch.finfo(torch.float32).tiny)
+        return scores - torch.log(-torch.log(u)).to(scores.dtype)
+
+
+def seeded_sampling(temperature: float, top_p: float, generator):
+    """HF's own temperature and top-p warpers, then :class:`GumbelNoise` from ``generator``: pass as
+    ``logits_processor`` to ``generate(do_sample=False)`` to sample softmax(logits / T) within the
+    top-p nucleus, as the vLLM engine does (sampling settings of the model's generation config, such
+    as top_k, are not applied)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    processors = [TemperatureLogitsWarper(temperature)]
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList([*processors, GumbelNoise(generator)])
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -69,7 +103,9 @@ def generate_answers(
 ) -> list[str]:
     """Answers of a Hugging Face causal LM to raw prompts, in the template, cut at the next turn.
 
-    Left-padded batches of ``batch_size``; greedy when ``temperature <= 0``, else seeded sampling.
+    Left-padded batches of ``batch_size``; greedy when ``temperature <= 0``, else sampling seeded
+    with ``seed + start`` for the batch starting at prompt ``start``, from a generator of this call
+    (:func:`seeded_sampling`), so engines sampling in several threads at once stay reproducible.
     Shared by the ES transformers engine and the GRPO evaluation so both answer the same way.
     """
     import torch
@@ -81,15 +117,18 @@ def generate_answers(
     for start in range(0, len(prompts), batch_size):
         chunk = [prompt_text(p) for p in prompts[start : start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        processors = None
         if not greedy:
-            torch.manual_seed(seed + start)
+            generator = torch.Generator(device=device).manual_seed(seed + start)
+            processors = seeded_sampling(temperature, top_p, generator)
         with torch.inference_mode():
             ids = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=not greedy,
-                temperature=temperature if not greedy else None,
-                top_p=top_p if not greedy else None,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                logits_processor=processors,
                 stop_strings=list(stop_markers),
                 tokenizer=tokenizer,
                 pad_token_id=tokenizer.pad_token_id,

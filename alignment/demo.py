@@ -28,6 +28,7 @@ from alignment.evaluation.classify_reward_cost_unified import run_sweep
 from alignment.evaluation.sweep import SweepConfig, SweepModel
 from alignment.grpo.config import load_grpo_config
 from alignment.grpo.train_grpo_alignment import train_grpo
+from alignment.persona.demo import persona_demo
 from alignment.scoring.client import ScorerClient
 from alignment.scoring.launch import start_scorer
 from alignment.scoring.test_score_fixed_prompt import FIXED_PROMPT, format_table, score_fixed_prompt
@@ -148,8 +149,9 @@ def run_demo(
         *(f"Figure: {f}" for f in figures),
         f"TensorBoard: tensorboard --logdir {logs_dir}   (then open http://localhost:6006)",
     ])  # fmt: skip
+    persona = "\n".join(persona_demo(models_dir, logs_dir))  # LAPDOG-style persona dialogue: SFT, then GRPO
     diffusion = run_char_diffusion_demo(models_dir.parent / "char_diffusion", logs_dir / "char_diffusion")
-    return "\n\n".join([table, es_table, grpo_table, quadrants, "\n".join(diffusion), where])
+    return "\n\n".join([table, es_table, grpo_table, quadrants, persona, "\n".join(diffusion), where])
 
 
 def main(argv: list[str] | None = None) -> None:

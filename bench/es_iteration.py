@@ -11,7 +11,9 @@ perturb/restore, scoring wait (end of generation until all scores are back), upd
 other, each in ms and as a share of the iteration. Targets: the non-generation share
 1 - sum(generation)/sum(iteration) is at most 10 % (scoring overlaps generation; perturbations are
 regenerated from seeds), and 0 weight bytes are sent per iteration (ES ships seeds and coefficients,
-never weights).
+never weights). It also reports the (prompt, response) pairs sent to the scorer per iteration with
+the pair cache (each distinct pair once) beside those sent without it (every member's every pair,
+population x batch), both from the same run's ``scoring/pairs_sent`` and ``scoring/pairs_total``.
 
 ``--model-shape 1b`` builds a randomly initialised ``LlamaForCausalLM`` of Llama-1B shape (hidden
 2048, 16 layers, 32 heads, intermediate 5632) with the toy tokenizer, in bf16, under
@@ -114,6 +116,8 @@ def summarise(records: list[dict], warmup: int) -> dict:
         "generate_phase_s": statistics.fmean(r.get("time/generate_phase") or 0.0 for r in kept),
         "non_generation_share": 1.0 - total_generation / total_iteration,
         "weight_bytes_per_iteration": statistics.fmean(r.get("sync/weight_bytes_sent") or 0.0 for r in kept),
+        "pairs_sent": statistics.fmean(r.get("scoring/pairs_sent") or 0.0 for r in kept),
+        "pairs_without_cache": statistics.fmean(r.get("scoring/pairs_total") or 0.0 for r in kept),
     }
 
 
@@ -131,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--scorer-threads", type=int, default=1, help="torch CPU threads of the scorer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=0.05, help="noise scale (toy recipe: 0.05)")
+    p.add_argument("--antithetic", action="store_true", help="antithetic pairs (θ ± σε)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the scorer to load")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     return p.parse_args(argv)
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ESConfig(
             policy_model_path=str(policy), backend=args.backend, executor=args.executor,
             num_engines=args.num_engines, device=args.device, dtype=args.dtype,
-            population_size=16, batch_size=16, max_new_tokens=24, sigma=0.05, alpha=0.03,
+            population_size=16, batch_size=16, max_new_tokens=24, sigma=args.sigma, alpha=0.03,
+            antithetic=args.antithetic,
             temperature=0.0, lambda_cost=1.0, lambda_adapt=True, cost_threshold_d=0.0, lambda_lr=0.05,
             eval_max_prompts=24, num_iterations=args.iterations, save_every=max(10, args.iterations),
             seed=args.seed, scorer_url=proc.url, experiment_dir=str(args.experiment_dir),
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nES iteration breakdown ({args.model_shape} policy, backend={args.backend}, "
           f"executor={args.executor}, engines={args.num_engines}, device={args.device}, dtype={args.dtype})")  # fmt: skip
     print(f"  run: {run_dir}")
-    print(f"  population 16 x batch 16 x 24 new tokens; {summary['iterations_logged']} iteration(s), "
+    print(f"  population 16 x batch 16 x 24 new tokens, sigma {args.sigma}, antithetic {args.antithetic}; "
+          f"{summary['iterations_logged']} iteration(s), "
           f"means over the last {summary['iterations_kept']} (warm-up {args.warmup} dropped)")  # fmt: skip
     for label in ("iteration", *PARTS, "other"):
         print(f"    {label:<16} {mean[label] * 1e3:10.1f} ms  {100 * mean[label] / iteration:6.1f} %")
@@ -183,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  non-generation share: {100 * share:.1f} % (target <= 10 %: {verdict})")
     print(f"  weight bytes sent per iteration: {weight_bytes:.0f} (target 0: "
           f"{'ok' if weight_bytes == 0 else 'ABOVE TARGET'})")  # fmt: skip
+    sent, without = summary["pairs_sent"], summary["pairs_without_cache"]
+    print(f"  pairs sent to the scorer per iteration: {sent:.1f} with the pair cache, {without:.0f} without "
+          f"({100 * (1 - sent / without):.1f} % duplicates)")  # fmt: skip
     print(
         f"  ES run {run_seconds:.0f} s (with evals); total bench time {time.perf_counter() - started:.0f} s"
     )
@@ -191,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"config": {k: str(v) for k, v in vars(args).items()}, "run_dir": str(run_dir), **summary}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"es_iteration: non_generation_share={100 * share:.1f}% "
-          f"weight_bytes_per_iteration={weight_bytes:.0f} iteration_ms={iteration * 1e3:.0f}")  # fmt: skip
+          f"weight_bytes_per_iteration={weight_bytes:.0f} iteration_ms={iteration * 1e3:.0f} "
+          f"pairs_sent={sent:.1f}/{without:.0f} (with/without pair cache, ratio {sent / without:.3f})")  # fmt: skip
     return 0
 
 

@@ -89,3 +89,12 @@ def char_diffusion_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     from alignment.char_diffusion.build import TINY, build
 
     return build(tmp_path_factory.mktemp("char-diffusion"), TINY)
+
+
+@pytest.fixture(scope="session")
+def persona_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny T5 reader, BERT retriever and synthetic persona task (alignment.persona.toy)."""
+    from alignment.persona.toy import build_persona_toy
+
+    shared = os.environ.get("ALIGNMENT_TEST_MODELS")
+    return build_persona_toy(Path(shared) / "persona" if shared else tmp_path_factory.mktemp("persona-toy"))

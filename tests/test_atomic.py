@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignment.atomic import replace_dir, write_bytes, write_text
+from alignment.atomic import replace_dir, replace_symlink, write_bytes, write_text
 
 
 def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -34,3 +34,16 @@ def test_write_bytes_replaces_whole_and_leaves_no_temporary(tmp_path):
     assert write_bytes(target, b"\x00new\xff") == target
     assert target.read_bytes() == b"\x00new\xff"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_replace_symlink_repoints_a_relative_link_and_leaves_no_temporary(tmp_path):
+    for name in ("step-1", "step-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "marker").write_text(name)
+    link = tmp_path / "latest"
+    replace_symlink(link, "step-1")
+    assert (link / "marker").read_text() == "step-1"
+    replace_symlink(link, "step-2")
+    assert (link / "marker").read_text() == "step-2"
+    assert link.readlink().as_posix() == "step-2"  # relative: the folder can be moved whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1", "step-2"]

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from alignment.es.checkpoint import (
     ReplayEntry,
     ReplayLog,
+    check_numerics,
     find_latest,
     load_latest,
     replay_updates,
@@ -18,6 +19,7 @@ from alignment.es.checkpoint import (
     save_latest,
 )
 from alignment.es.engines import TransformersEngine
+from alignment.es.noise import NOISE_ID, NoiseMismatchError
 
 UPDATES = [([1, 2, 3], [0.5, -1.0, 0.25]), ([4, 5], [1.2, -0.7]), ([6], [2.0]), ([7, 8], [-0.3, 0.9])]
 
@@ -41,6 +43,35 @@ def test_replay_log_round_trip_and_truncated_tail(tmp_path):
     assert log.read() == entries()
     log.truncate_after(1)
     assert [e.iteration for e in log.read()] == [0, 1]
+
+
+def test_torn_last_line_survives_two_resumes(tmp_path):
+    """A crash mid-append leaves a fragment; each resume appends after repairing it, so the next
+    resume still reads every committed entry (appending onto the fragment made it unreadable)."""
+    log = ReplayLog(tmp_path / "replay.jsonl")
+    for e in entries()[:2]:
+        log.append(e)
+    with open(log.path, "a") as f:
+        f.write('{"iteration": 2, "seeds": [4')  # killed mid-write
+    assert log.read() == entries()[:2]  # resume 1 redoes iteration 2 ...
+    log.append(entries()[2])
+    assert log.read() == entries()[:3]  # ... and resume 2 sees it
+    with open(log.path, "a") as f:
+        f.write(json.dumps(entries()[3].__dict__))  # killed before the newline: whole and committed
+    assert log.read() == entries()
+    log.append(ReplayEntry(4, [9], [1.0], 0.01, {"log_lambda": 0.0}))
+    assert [e.iteration for e in log.read()] == [0, 1, 2, 3, 4]
+
+
+def test_resume_refuses_other_noise_or_master_dtype(tmp_path):
+    ours = [ReplayEntry(0, [1], [1.0], 0.01, {}, noise=NOISE_ID, master_dtype="fp32")]
+    check_numerics(ours, {"noise": NOISE_ID, "master_dtype": "fp32"}, "fp32", "run")
+    with pytest.raises(NoiseMismatchError, match=r"run/replay.jsonl \(iteration 0\): 'torch.randn/v0'"):
+        check_numerics(entries()[:1], None, "model", "run")  # written before noise versions
+    with pytest.raises(NoiseMismatchError, match="latest_hf"):
+        check_numerics(ours, {"iteration": 0}, "fp32", "run")
+    with pytest.raises(ValueError, match="--master_dtype fp32"):
+        check_numerics(ours, None, "model", "run")
 
 
 def test_replay_log_rejects_gaps_and_garbage(tmp_path):
@@ -69,8 +100,11 @@ def test_latest_checkpoint_loads_with_from_pretrained_and_resumes_exactly(toy_mo
     replay_updates(engine, entries()[:2])
     path = save_latest(run, engine.state_dict(), toy_models / "policy", {"iteration": 1, "lambda": 1.5})
     assert find_latest(run) == path
+    # the checkpoint holds the exact fp32 weights; loaded in bf16 they are the engine's live weights
+    assert {t.dtype for t in load_latest(run)[0].values()} == {torch.float32}
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    assert all(torch.equal(hf.state_dict()[k], v) for k, v in engine.state_dict().items())
+    live = dict(engine.model.named_parameters())
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in live.items())
 
     weights, state = load_latest(run)
     assert state == {"iteration": 1, "lambda": 1.5}

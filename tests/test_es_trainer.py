@@ -9,14 +9,20 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from alignment.es.checkpoint import ReplayLog, load_latest
 from alignment.es.config import ESConfig
 from alignment.es.executors import LocalExecutor
+from alignment.es.population import population
+from alignment.es.score_cache import PairScoreCache
+from alignment.es.sync import EnginesDivergedError, check_engines
 from alignment.es.train_es_alignment import build_executor, run_es
-from alignment.es.trainer import ESTrainer, ScorerFailedError
+from alignment.es.trainer import ESTrainer, ScorerFailedError, batch_prompts
 from alignment.scoring.client import ScorerClient
 from alignment.toy.objective import TOY_EVAL_PROMPTS, TOY_TRAIN_PROMPTS
 
@@ -52,6 +58,12 @@ def test_toy_objective_improves_and_outputs_are_written(toy_models, scorer, tmp_
     lines = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and lines[0]["eval/C_mean"] == before["C_mean"]
     assert {"train/reward_mean", "lambda/value", "time/generation", "time/scoring_wait"} <= set(lines[1])
+    diagnostics = {"update/realised_intended_ratio", "update/fraction_changed", "es/fitness_spread",
+                   "scoring/pairs_sent", "scoring/pairs_total", "scoring/duplicate_fraction"}  # fmt: skip
+    assert diagnostics <= set(lines[1])
+    assert all(
+        0 < r["update/fraction_changed"] <= 1 and r["scoring/pairs_total"] == 8 * 12 for r in lines[1:-1]
+    )
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "logs").iterdir())
 
 
@@ -66,17 +78,75 @@ def test_two_local_engines_match_one_engine(toy_models, exact_scorer, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_diverged_engine_is_detected_and_repaired(toy_models, scorer, tmp_path, caplog):
-    cfg = es_config(toy_models, scorer, tmp_path, num_iterations=2, num_engines=2)
+def test_diverged_engine_is_repaired_from_a_strict_majority(toy_models, scorer, tmp_path, caplog):
+    cfg = es_config(toy_models, scorer, tmp_path, num_iterations=2, num_engines=3)
     executor = build_executor(cfg)
     assert isinstance(executor, LocalExecutor)
     executor.engines[1].apply_update([99], [1.0], 0.01)  # silent corruption on one engine
     client = ScorerClient(scorer.url)
     trainer = ESTrainer(cfg, executor, client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4], tmp_path / "run")
     trainer.train()
-    sums = executor.checksums()
-    assert sums[0] == sums[1]
-    assert "disagree with the majority checksum" in caplog.text
+    assert len(set(executor.checksums())) == 1
+    assert "disagree with the majority checksum" in caplog.text and "(2 of 3)" in caplog.text
+
+
+def test_two_engines_that_disagree_stop_loudly_with_their_weights_saved(toy_models, scorer, tmp_path):
+    """No strict majority (1 vs 1): nobody knows which engine is right, so nothing is repaired."""
+    cfg = es_config(toy_models, scorer, tmp_path, num_iterations=3, num_engines=2)
+    executor = build_executor(cfg)
+    executor.engines[1].apply_update([99], [1.0], 0.01)
+    good, bad = executor.checksums()
+    run_dir = tmp_path / "run"
+    trainer = ESTrainer(
+        cfg, executor, ScorerClient(scorer.url), TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4], run_dir
+    )
+    with pytest.raises(EnginesDivergedError, match="no strict majority") as err:
+        trainer.train()
+    assert f"--resume {run_dir}" in str(err.value)
+    assert executor.checksums() != [good] * 2 and len(set(executor.checksums())) == 2  # nothing overwritten
+    saved = run_dir / "model_saves" / "diverged_iteration_0"
+    assert json.loads((saved / "checksums.json").read_text())["checksums"] == executor.checksums()
+    for k in range(2):
+        on_disk = load_file(saved / f"engine_{k}.safetensors")
+        assert all(torch.equal(on_disk[n], t) for n, t in executor.state_dict(k).items())
+    assert [e.iteration for e in ReplayLog(run_dir / "replay.jsonl").read()] == [0]
+    # resuming rebuilds both engines from the base model and the committed log
+    again = build_executor(cfg)
+    ESTrainer(cfg, again, ScorerClient(scorer.url), TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4], run_dir).train()
+    assert len(set(again.checksums())) == 1
+    assert [e.iteration for e in ReplayLog(run_dir / "replay.jsonl").read()] == [0, 1, 2]
+
+
+def test_each_distinct_pair_is_scored_once_with_the_scores_of_scoring_every_pair(
+    toy_models, exact_scorer, tmp_path
+):
+    """Antithetic members with a small σ often answer alike: those pairs are sent once, and every
+    member's scores equal scoring all its pairs on a one-row-per-forward scorer."""
+    cfg = es_config(toy_models, exact_scorer, tmp_path, population_size=8, antithetic=True, sigma=0.005,
+                    batch_size=10, lambda_cost_source="unperturbed")  # fmt: skip
+    client = ScorerClient(exact_scorer.url)
+    trainer = ESTrainer(
+        cfg, build_executor(cfg), client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4], tmp_path / "r"
+    )
+    prompts = batch_prompts(TOY_TRAIN_PROMPTS, cfg.seed, 0, cfg.batch_size)
+    members = population(cfg.seed, 0, cfg.population_size, cfg.antithetic)
+    sent: list[tuple[str, str]] = []
+
+    def counting_score(p: list[str], r: list[str]):
+        sent.extend(zip(p, r, strict=True))
+        return client.score(p, r)
+
+    with ThreadPoolExecutor(2) as pool:
+        cache = PairScoreCache(counting_score, pool)
+        scores, responses, _ = trainer.score_population(members, prompts, trainer.settings, cache)
+        theta = trainer.executor.generate(prompts, trainer.settings)
+        theta_scores = cache.submit(prompts, theta).result()
+    every = {(p, r) for answers in [*responses, theta] for p, r in zip(prompts, answers, strict=True)}
+    assert len(sent) == len(set(sent)) == len(every) < (len(members) + 1) * len(prompts)
+    assert cache.metrics()["scoring/pairs_sent"] == len(every)
+    for got, answers in zip([*scores, theta_scores], [*responses, theta], strict=True):
+        direct = client.score(prompts, answers)
+        assert got.rewards == direct.rewards and got.costs == direct.costs  # bit-equal floats
 
 
 def test_resume_after_sigkill_is_bit_identical(toy_models, exact_scorer, tmp_path):
@@ -159,15 +229,36 @@ def test_ray_executor_matches_local_for_the_same_seeds(toy_models, exact_scorer,
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    threads = torch.get_num_threads()
+    # Ray gives each 1-CPU actor one OpenMP thread; the local engines get one too, so both sides
+    # block their matmuls alike and the weights can be compared bit for bit
+    torch.set_num_threads(1)
     try:
         local = es_config(toy_models, scorer, tmp_path / "local", num_iterations=3)
         remote = es_config(
             toy_models, scorer, tmp_path / "ray", num_iterations=3, executor="ray", num_engines=2
         )
         run_es(local)
-        run_es(remote)
+        executor = build_executor(remote)
+        try:
+            client = ScorerClient(scorer.url)
+            ESTrainer(
+                remote, executor, client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:8], tmp_path / "ray"
+            ).train()
+            # two actors that disagree: no strict majority, so nothing is repaired and the run stops
+            ray.get(executor.actors[1].apply_update.remote([99], [1.0], 0.01))
+            sums = executor.checksums()
+            with pytest.raises(EnginesDivergedError, match="no strict majority"):
+                check_engines(executor, tmp_path / "ray", 3)
+            assert executor.checksums() == sums
+            assert (
+                tmp_path / "ray" / "model_saves" / "diverged_iteration_3" / "engine_1.safetensors"
+            ).is_file()
+        finally:
+            executor.close()
     finally:
+        torch.set_num_threads(threads)
         ray.shutdown()
     a = final_weights(next((tmp_path / "local" / "runs").iterdir()), 3)
-    b = final_weights(next((tmp_path / "ray" / "runs").iterdir()), 3)
+    b = final_weights(tmp_path / "ray", 3)
     assert all(torch.equal(a[k], b[k]) for k in a)

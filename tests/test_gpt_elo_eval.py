@@ -17,7 +17,13 @@ import pytest
 from alignment.evaluation.comparisons import write_model_outputs
 from alignment.evaluation.elo import elo_ratings
 from alignment.evaluation.gpt_elo_eval import main
-from alignment.evaluation.judge import RateLimiter, build_messages, parse_verdict, read_judgments
+from alignment.evaluation.judge import (
+    VERDICT_PARSINGS,
+    RateLimiter,
+    build_messages,
+    parse_verdict,
+    read_judgments,
+)
 from tests.conftest import SHARED_REFERENCE
 from tests.openai_server import Behaviour, JudgeServer, verdict_scores
 
@@ -78,19 +84,30 @@ def _check_complete(rows: list[dict], per_pair: int = 1) -> None:
         assert r["order_ab"] == [r["model_a"], r["model_b"]] and r["judge_model"] == "judge-test"
 
 
-def test_parse_verdict() -> None:
-    assert parse_verdict("A is better.\n[[8, 4]]") == (8.0, 4.0)
-    assert parse_verdict("e.g. [[7, 4]] ... final: [[ 6.5 ,7 ]]") == (6.5, 7.0)  # the last pair counts
-    assert parse_verdict("Assistant A: 6\nAssistant B: 7") is None
-    assert parse_verdict("[[8]]") is None and parse_verdict("") is None and parse_verdict(None) is None
+def test_parse_verdict_study_and_strict() -> None:
+    assert parse_verdict("A is better.\n[[8, 4]]") == (8.0, 4.0) == parse_verdict("[[8, 4]]", "strict")
+    two = "e.g. [[7, 4]] ... final: [[ 6.5 ,7 ]]"
+    assert parse_verdict(two) == (7.0, 4.0)  # study (default): the first pair, as the study's re.search
+    assert parse_verdict(two, "strict") == (6.5, 7.0)  # strict: the last pair
+    spaced = "Scores: [ [8, 3] ]"
+    assert parse_verdict(spaced) == (8.0, 3.0) and parse_verdict(spaced, "strict") is None
+    signed = "[[-1, 5]]"
+    assert parse_verdict(signed) is None and parse_verdict(signed, "strict") == (-1.0, 5.0)
+    for parsing in VERDICT_PARSINGS:
+        assert parse_verdict("Assistant A: 6\nAssistant B: 7", parsing) is None
+        assert parse_verdict("[[8]]", parsing) is None and parse_verdict("", parsing) is None
+        assert parse_verdict(None, parsing) is None
+    with pytest.raises(ValueError, match="unknown verdict parsing 'loose'"):
+        parse_verdict("[[1, 2]]", "loose")
 
 
-def test_parse_verdict_reference_raws() -> None:
+@pytest.mark.parametrize("parsing", VERDICT_PARSINGS)
+def test_parse_verdict_reference_raws(parsing: str) -> None:
     path = GPT_ELO / "gpt_judgments.jsonl"
     if not path.is_file():
         pytest.skip(f"reference judgments absent: {path}")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    parsed = [parse_verdict(r["raw"]) for r in rows]
+    parsed = [parse_verdict(r["raw"], parsing) for r in rows]
     assert [list(p) if p else None for p in parsed] == [r["scores"] for r in rows]
     assert sum(p is None for p in parsed) == 5
 
@@ -147,6 +164,11 @@ def test_full_run_then_rerun_skips_everything(points_dir: Path, tmp_path: Path, 
 
         assert main(_args(server, points_dir, out, "--judge-model", "other-judge")) == 1
         assert "holds judgments by ['judge-test']" in capsys.readouterr().err and server.count() == TOTAL
+        assert {r["verdict_parsing"] for r in rows} == {"study"}  # the default, recorded per row
+        assert main(_args(server, points_dir, out, "--verdict-parsing", "strict")) == 1
+        assert (
+            "verdicts parsed as ['study'], not strict" in capsys.readouterr().err and server.count() == TOTAL
+        )
 
 
 @pytest.mark.parametrize("status", [429, 500])
@@ -278,10 +300,22 @@ def test_shell_script_with_plain_bash(points_dir: Path, tmp_path: Path) -> None:
     ratings = json.loads((out / "gpt_elo_ratings.json").read_text())
     assert not (out / "gpt_elo_scatter.png").exists()
     env.update(
-        RATINGS_ONLY="1", OUTPUT_DIR=str(tmp_path / "again"), JUDGMENTS=str(out / "gpt_judgments.jsonl"),
+        RATINGS_ONLY="1",
+        OUTPUT_DIR=str(tmp_path / "again"),
+        JUDGMENTS=str(out / "gpt_judgments.jsonl"),
         PLOTS="1",
     )
     proc = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "gpt_elo_ratings.json").read_text()) == ratings
     assert (tmp_path / "again" / "gpt_elo_scatter.png").stat().st_size > 10_000  # the runner's figure
+
+
+def test_strict_parsing_end_to_end(points_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elo"
+    with JudgeServer() as server:
+        argv = _args(server, points_dir, out, "--num-prompts", "1", "--verdict-parsing", "strict")
+        assert main([*argv, "--bt-bootstrap", "0"]) == 0
+    rows = read_judgments(out / "gpt_judgments.jsonl")
+    assert len(rows) == 6 and {r["verdict_parsing"] for r in rows} == {"strict"}
+    assert all(r["scores"] == _expected(r) for r in rows)

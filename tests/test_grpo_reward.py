@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from alignment.grpo.reward import LagrangeCallback, LagrangeLink, ScorerReward, global_mean_cost
+from alignment.grpo.reward import LagrangeCallback, LagrangeLink, ScorerReward, gather_costs
 from alignment.lagrange import LagrangeConfig, LagrangeController
 from alignment.scoring.client import ScorerClient, ScorerUnavailableError
 
@@ -32,7 +32,7 @@ def test_reward_is_r_minus_lambda_c_of_the_raw_prompt(scorer):
     assert got == pytest.approx(
         [r - 2.0 * c for r, c in zip(expected.rewards, expected.costs, strict=True)], abs=1e-5
     )
-    assert link.take() == (pytest.approx(sum(expected.costs), abs=1e-5), 3)
+    assert link.take() == pytest.approx(expected.costs, abs=1e-5)
     assert logged["lambda/value"] == 2.0 and "scorer/cost_mean" in logged
 
 
@@ -92,10 +92,10 @@ def _rank(rank: int, port: int, costs: list[float], out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        link = LagrangeLink.create(adaptive(), key="dist")
+        link = LagrangeLink.create(adaptive(rule="ppo_lag", episode_cost_window_size=2), key="dist")
         link.add_costs(costs)
         LagrangeCallback("dist").on_step_end(None, None, None)
-        out.put((rank, link.controller.value, link.controller.last_stats()["mean_cost"]))
+        out.put((rank, link.controller.value, link.controller.last_stats(), link.controller.state_dict()))
     finally:
         dist.destroy_process_group()
 
@@ -110,13 +110,14 @@ def test_lambda_is_identical_across_ranks_with_different_local_costs():
     procs = [ctx.Process(target=_rank, args=(r, port, local[r], out)) for r in (0, 1)]
     for p in procs:
         p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
+    results = sorted((got for got in (out.get(timeout=120) for _ in procs)), key=lambda r: r[0])
     for p in procs:
         p.join(timeout=60)
-    (_, lam0, mean0), (_, lam1, mean1) = results
-    assert lam0 == lam1
-    assert mean0 == mean1 == pytest.approx(2.0 / 3.0)  # (3 + 1 - 2) / 3 items, not a mean of means
-    single = adaptive()
-    single.update(2.0 / 3.0)
-    assert lam0 == pytest.approx(single.value)
-    assert global_mean_cost(4.0, 2) == (2.0, 2)  # without a process group: local
+    (_, lam0, stats0, state0), (_, lam1, stats1, state1) = results
+    assert lam0 == lam1 and state0 == state1
+    assert stats0["mean_cost"] == pytest.approx(2.0 / 3.0)  # (3 + 1 - 2) / 3 items, not a mean of means
+    assert state0["window"] == [1.0, -2.0]  # all ranks' costs in rank order; the window keeps the last 2
+    single = adaptive(rule="ppo_lag", episode_cost_window_size=2)
+    single.update_costs([3.0, 1.0, -2.0])
+    assert lam0 == single.value
+    assert gather_costs([4.0, 0.0]) == [4.0, 0.0]  # without a process group: local

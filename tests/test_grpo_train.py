@@ -80,3 +80,34 @@ def test_scorer_failure_stops_training(toy_models, tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(ScorerUnavailableError, match=f"127.0.0.1:{port}"):
         train_grpo(toy_cfg(toy_models, f"http://127.0.0.1:{port}", tmp_path / "run"))
+
+
+def test_study_recipe_has_the_study_values_and_the_default_says_where_it_differs():
+    study = load_grpo_config(REPO / "alignment" / "grpo" / "grpo_alignment_study.yaml")
+    default = load_grpo_config(REPO / "alignment" / "grpo" / "grpo_alignment.yaml")
+    differ = ("lambda_pos_cost_only", "num_generations", "temperature", "loss_type", "learning_rate")
+    assert [getattr(study, k) for k in differ] == [True, 30, 0.7, "grpo", 5e-6]
+    assert [getattr(default, k) for k in differ] == [False, 8, 1.0, "dapo", 1e-6]
+    assert (study.max_completion_length, study.max_steps, study.use_vllm, study.cost_threshold_d) == (
+        512,
+        1000,
+        False,
+        0.0,
+    )
+    assert study.extra == {"lr_scheduler_type": "constant", "warmup_steps": 0, "seed": 42}
+    # the study's step: 1 answer per GPU × 4 GPUs × 15 accumulation steps = 2 prompts × 30 answers
+    assert (
+        study.per_device_train_batch_size * 4 * study.gradient_accumulation_steps == 2 * study.num_generations
+    )
+    # TRL accepts it (one process here, so the accumulation that gives the same 60 answers per step)
+    args = grpo_args(load_grpo_config(REPO / "alignment" / "grpo" / "grpo_alignment_study.yaml",
+                                      {"gradient_accumulation_steps": 60}))  # fmt: skip
+    assert (args.loss_type, args.lr_scheduler_type, args.seed, args.generation_batch_size) == (
+        "grpo",
+        "constant",
+        42,
+        60,
+    )
+    text = (REPO / "alignment" / "grpo" / "grpo_alignment.yaml").read_text()
+    for study_value in ("[true]", "[30]", "[0.7]", "[grpo]", "[5e-6]"):  # each departure is explained
+        assert study_value in text

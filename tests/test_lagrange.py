@@ -64,9 +64,11 @@ def test_clipping_at_bounds(rule: str) -> None:
         hi.update(10.0)
     assert hi.value == 3.0
     lo = make(rule=rule, lambda_lr=10.0, lambda_min=0.01)
-    for _ in range(5):
-        lo.update(-10.0)
-    assert lo.value == 0.01
+    lo.update(-10.0)
+    if rule == "ema_log":
+        assert lo.value == 0.01
+    else:  # safe-rlhf clamps only the top: ln λ = 0 + 10·1·(-10)
+        assert lo.value == pytest.approx(math.exp(-100.0), rel=1e-12)
 
 
 def test_huge_cost_does_not_overflow() -> None:
@@ -167,3 +169,101 @@ def test_penalised_arithmetic() -> None:
     assert ctrl.penalise([2.0, 1.0], [3.0, -2.0]) == [0.5, 2.0]
     with pytest.raises(ValueError, match="same length"):
         ctrl.penalise([1.0], [1.0, 2.0])
+
+
+def test_ppo_lag_window_and_delay_exact_steps() -> None:
+    # threshold 0.5 (d = -0.5), a window of 4 episodes, no λ update in the first step
+    ctrl = make(rule="ppo_lag", lambda_lr=0.1, cost_threshold_d=-0.5, episode_cost_window_size=4,
+                lambda_update_delay_steps=1)  # fmt: skip
+    # step 0: window [1, 2, 3], mean 2, J_C = 1.5, delayed: λ stays 1
+    assert ctrl.update_costs([1.0, 2.0, 3.0]) == 1.0
+    assert ctrl.last_stats()["jc"] == 1.5 and ctrl.last_stats()["mean_cost"] == 2.0
+    # step 1: window [2, 3, 0, 0], mean 1.25, J_C = 0.75: ln λ = 0 + 0.1·1·0.75 = 0.075
+    assert ctrl.update_costs([0.0, 0.0]) == pytest.approx(math.exp(0.075), rel=1e-12)
+    assert ctrl.last_stats()["window_cost"] == 1.25 and ctrl.last_stats()["mean_cost"] == 0.0
+    # step 2: window [3, 0, 0, -4], mean -0.25, J_C = -0.75: ln λ = 0.075 + 0.1·e^0.075·(-0.75)
+    lam = ctrl.update_costs([-4.0])
+    assert lam == pytest.approx(math.exp(0.075 - 0.075 * math.exp(0.075)), rel=1e-12)  # ≈ 0.994176
+    assert ctrl.state_dict()["window"] == [3.0, 0.0, 0.0, -4.0]
+
+
+def test_ppo_lag_matches_safe_rlhf_sgd_on_log_lambda() -> None:
+    """An independent replica of safe-rlhf's update (torch SGD on log λ, loss -(C̄ - threshold)·λ,
+    then clamp_(max=ln λ_max)), in float64: the trajectories agree to rounding."""
+    torch = pytest.importorskip("torch")
+    from collections import deque
+
+    threshold, lr, window, delay, lam_max = 0.2, 0.5, 6, 2, 3.0
+    ctrl = make(rule="ppo_lag", lambda_lr=lr, cost_threshold_d=-threshold, episode_cost_window_size=window,
+                lambda_update_delay_steps=delay, lambda_max=lam_max, lambda_init=0.5)  # fmt: skip
+    log_lambda = torch.nn.Parameter(torch.tensor(math.log(0.5), dtype=torch.float64))
+    opt = torch.optim.SGD([log_lambda], lr=lr)
+    episode_costs: deque[float] = deque(maxlen=window)
+    gen = torch.Generator().manual_seed(0)
+    for global_step in range(12):
+        costs = (torch.randn(3, generator=gen, dtype=torch.float64) * 2 + 1).tolist()
+        episode_costs.extend(costs)
+        if global_step >= delay:
+            episode_cost = torch.tensor(list(episode_costs), dtype=torch.float64).mean()
+            loss = -(episode_cost - threshold) * log_lambda.exp()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                log_lambda.clamp_(max=math.log(lam_max))
+        assert ctrl.update_costs(costs) == pytest.approx(math.exp(log_lambda.item()), rel=1e-12)
+    assert ctrl.value < 0.5 or ctrl.value == lam_max  # it moved
+
+
+def test_window_needs_the_episode_costs_and_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="update_costs"):
+        make(episode_cost_window_size=8).update(1.0)
+    for name in ("episode_cost_window_size", "lambda_update_delay_steps"):
+        with pytest.raises(ValueError, match=name):
+            LagrangeConfig(**{name: -1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cost"):
+        make().update_costs([1.0, math.nan])
+    # without a window, the step's costs and their mean give the same step
+    a, b = make(rule="ppo_lag"), make(rule="ppo_lag")
+    assert a.update_costs([0.5, 1.5, -1.0]) == b.update(1.0 / 3.0)
+
+
+def test_delay_applies_to_the_ema_rule_too() -> None:
+    ctrl = make(rule="ema_log", lambda_update_delay_steps=2)
+    assert [ctrl.update(1.0), ctrl.update(1.0)] == [1.0, 1.0]
+    assert ctrl.update(1.0) == pytest.approx(math.exp(0.1 * 1.0), rel=1e-12)  # EMA was kept: 1.0
+
+
+def test_resume_mid_delay_with_a_window_is_bit_identical() -> None:
+    kw = {"rule": "ppo_lag", "episode_cost_window_size": 5, "lambda_update_delay_steps": 3}
+    steps = [[0.3, -0.2], [0.7], [0.1, -0.4, 0.9], [0.05], [-0.6, 0.2], [1.1, 0.4]]
+    ref, first = make(**kw), make(**kw)
+    for costs in steps[:2]:  # stop inside the delay, with a partly filled window
+        ref.update_costs(costs)
+        first.update_costs(costs)
+    resumed = make(**kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.update_costs(c) for c in steps[2:]] == [ref.update_costs(c) for c in steps[2:]]
+    assert resumed.state_dict() == ref.state_dict()
+    assert resumed.last_stats()["steps"] == 6.0
+
+
+def test_state_without_a_window_still_loads() -> None:
+    """Checkpoints and ES replay entries written before the window existed."""
+    old = {"log_lambda": 0.25, "jc_ema": 0.1, "steps": 4, "config": {"rule": "ema_log"}}
+    ctrl = make()
+    ctrl.load_state_dict(old)
+    assert ctrl.value == math.exp(0.25) and ctrl.state_dict()["window"] == []
+
+
+def test_recipes_accept_a_window_only_from_trainers_that_pass_episode_costs() -> None:
+    from alignment.lagrange import LagrangeRecipe
+
+    with pytest.raises(ValueError, match="episode_cost_window_size=16"):
+        LagrangeRecipe(episode_cost_window_size=16).lagrange_config()
+
+    class EpisodeRecipe(LagrangeRecipe):
+        passes_episode_costs = True
+
+    cfg = EpisodeRecipe(episode_cost_window_size=16, lambda_update_delay_steps=2).lagrange_config()
+    assert (cfg.episode_cost_window_size, cfg.lambda_update_delay_steps) == (16, 2)

@@ -91,6 +91,14 @@ def test_exact_kl_handles_excluded_tokens_and_dispatch():
     expected = sum(probs[i] * (probs[i].log() - qs[i].log()) for i in range(2))
     torch.testing.assert_close(exact_kl(p, q)[0], expected, **TOL)
     assert torch.isinf(exact_kl(q, p)).all()  # π allows a token the reference excludes
+    # gradients stay finite where both distributions exclude a token (sampling_logits' −inf)
+    theta = torch.tensor([[0.3, -0.2, float("-inf")]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[0.1, 0.4, float("-inf")]], dtype=torch.float64)
+    g = torch.autograd.grad(exact_kl(theta, ref).sum(), theta)[0]
+    torch.testing.assert_close(
+        g[:, :2], torch.autograd.grad(kl(theta[0, :2], ref[0, :2]), theta)[0][:, :2], **TOL
+    )
+    assert g[0, 2] == 0
     assert torch.equal(per_token_kl("exact", logits=p, ref_logits=q), exact_kl(p, q))
     with pytest.raises(ValueError, match="needs both logit tensors"):
         per_token_kl("exact", logp=p, ref_logp=q)

@@ -47,6 +47,7 @@ def test_scripts_found() -> None:
         "slurm/submit_alignment.sh",
         "alignment/grpo/run_grpo_alignment.sh",
         "slurm/train_char_diffusion.sh",
+        "slurm/train_persona.sh",
     } <= names
 
 
@@ -208,3 +209,13 @@ def test_char_diffusion_script(char_diffusion_models, tmp_path: Path) -> None:
     bad = subprocess.run(["bash", "slurm/train_char_diffusion.sh"], cwd=REPO, env=_env(tmp_path, STAGE="rlhf"),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "STAGE must be pretrain, judge or grpo" in bad.stderr
+
+
+def test_train_persona_script(persona_toy: Path, tmp_path: Path) -> None:
+    from tests.test_persona_train import toy_cfg
+
+    cfg = toy_cfg(persona_toy, tmp_path / "ckpt", "slurm", total_steps=1)
+    flags = [f"--{k}={v}" for k, v in vars(cfg).items() if v is not None and not isinstance(v, bool)]
+    proc = _run(["bash", "slurm/train_persona.sh", *flags], _env(tmp_path, NUM_PROCESSES="1"))
+    assert "processes=1" in proc.stderr and "-m alignment.persona.train" in proc.stderr
+    assert (cfg.run_dir / "checkpoint" / "latest" / "reader").is_dir()

@@ -9,7 +9,10 @@ Run directory layout (ARCHITECTURE.md, "Output formats")::
 Because an ES update is a pure function of (weights, seeds, coefficients, scale), the replay log
 rebuilds any iteration's weights from the base model (:func:`replay_updates`), and a resumed run
 that loads ``latest_hf`` and replays the iterations logged after it reaches exactly the weights an
-uninterrupted run would have.
+uninterrupted run would have, provided it draws the same noise and keeps the exact weights in the
+same dtype: both are recorded in every replay entry and checkpoint, and :func:`check_numerics`
+refuses a resume that would differ. ``latest_hf`` holds the exact (fp32 master) weights;
+``from_pretrained(..., dtype=bf16)`` rounds them to exactly the weights a bf16 engine computes with.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignment.atomic import replace_dir
+from alignment.atomic import replace_dir, write_text
+from alignment.data import repair_jsonl_tail
+from alignment.es.noise import NOISE_ID, require_noise
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_hf"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
+LEGACY_NOISE = "torch.randn/v0"  # what entries written before noise versions were drawn with
 
 
 @dataclass
@@ -44,6 +50,8 @@ class ReplayEntry:
     coefficients: list[float]
     scale: float
     lagrange: dict[str, Any]
+    noise: str = LEGACY_NOISE  # alignment.es.noise.NOISE_ID of the run that wrote it
+    master_dtype: str = "model"
 
 
 class ReplayLog:
@@ -54,7 +62,9 @@ class ReplayLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, entry: ReplayEntry) -> None:
+        """Append one line; a line torn by a crash is removed first, so the entry starts a line."""
         line = json.dumps(asdict(entry), allow_nan=False)
+        repair_jsonl_tail(self.path)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
@@ -82,9 +92,33 @@ class ReplayLog:
     def truncate_after(self, iteration: int) -> None:
         """Drop entries after ``iteration`` (a resumed run re-does them), atomically."""
         keep = [e for e in self.read() if e.iteration <= iteration]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(asdict(e)) + "\n" for e in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(asdict(e), allow_nan=False) + "\n" for e in keep))
+
+
+def check_numerics(
+    entries: Iterable[ReplayEntry], trainer_state: dict[str, Any] | None, master_dtype: str, where: str
+) -> None:
+    """Refuse to resume or replay updates that this run would compute differently.
+
+    ``entries`` and ``trainer_state`` (of ``latest_hf``) must record this code's noise
+    (``NOISE_ID``) and ``master_dtype``; ``where`` names the run directory in the error.
+    """
+    found: dict[str, str] = {}
+    dtypes: dict[str, str] = {}
+    for e in entries:
+        found[f"{where}/replay.jsonl (iteration {e.iteration})"] = e.noise
+        dtypes[f"{where}/replay.jsonl (iteration {e.iteration})"] = e.master_dtype
+    if trainer_state is not None:
+        found[f"{where}/model_saves/{LATEST}"] = trainer_state.get("noise", LEGACY_NOISE)
+        dtypes[f"{where}/model_saves/{LATEST}"] = trainer_state.get("master_dtype", "model")
+    require_noise(found, NOISE_ID)
+    wrong = {k: v for k, v in dtypes.items() if v != master_dtype}
+    if wrong:
+        first = next(iter(wrong.items()))
+        raise ValueError(
+            f"{first[0]} was written with master_dtype={first[1]!r} but this run uses {master_dtype!r}: "
+            f"the replayed weights would differ. Resume with --master_dtype {first[1]}"
+        )
 
 
 def replay_updates(engine: Any, entries: Iterable[ReplayEntry]) -> int:

@@ -23,7 +23,18 @@ class ESConfig(LagrangeRecipe):
     device: str = field(default="auto", metadata=_help("transformers engines: auto, cpu, cuda"))
     dtype: str = field(default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"))
     ray_address: str | None = field(default=None, metadata=_help("join this Ray cluster (multi-node)"))
-    vllm_gpu_memory_utilization: float = 0.8
+    vllm_gpu_memory_utilization: float = field(
+        default=0.8,
+        metadata=_help("share of each GPU for an engine: vLLM plus the ES master kept on the GPU "
+                       "(vLLM is given this minus the master; README, ES training)"),
+    )  # fmt: skip
+    keep_base_on: Literal["gpu", "cpu"] = field(
+        default="gpu", metadata=_help("where the exact (master) weights live: gpu, or cpu to free the GPU")
+    )
+    master_dtype: Literal["fp32", "model"] = field(
+        default="fp32",
+        metadata=_help("exact weights in fp32 (no update lost to bf16 rounding) or in the model's dtype"),
+    )
     # evolution strategies
     population_size: int = 30
     sigma: float = 0.001

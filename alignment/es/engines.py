@@ -6,11 +6,14 @@ trainer never care which backend runs:
 
 - ``generate(prompts, settings)``: answers in the conversation template, cut at the next turn marker;
 - ``perturb(seed, sigma, sign)`` / ``restore()``: θ + sign·σ·ε(seed), then back, bit-exact;
-- ``apply_update(seeds, coefficients, scale)``: the seeds-only ES update;
-- ``checksum()`` / ``state_dict()`` / ``load_state_dict(state)``: agreement checks and repair.
+- ``apply_update(seeds, coefficients, scale)``: the seeds-only ES update (returns its diagnostics);
+- ``checksum()`` / ``state_dict()`` / ``load_state_dict(state)``: agreement checks and repair, all
+  on the exact (master) weights;
+- ``noise_id()``: the noise implementation, after proving on the engine's device that it computes
+  the reference noise (:func:`alignment.es.noise.self_check`).
 
-Noise and exactness live in :mod:`alignment.es.noise`; engines only say which tensors (by canonical
-Hugging Face name) it acts on.
+Noise lives in :mod:`alignment.es.noise`, the exact weights in :mod:`alignment.es.weights`; engines
+only say which tensors (by canonical Hugging Face name) they act on, and where the master lives.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.conversation import STOP_MARKERS, generate_answers, prompt_text, truncate_at_stop
-from alignment.es.noise import PerturbableParams
+from alignment.es.noise import self_check
+from alignment.es.weights import MasterDtype, PerturbableParams
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +50,20 @@ class Engine(Protocol):
     def generate(self, prompts: list[str], settings: GenerationSettings) -> list[str]: ...
     def perturb(self, seed: int, sigma: float, sign: float = 1.0) -> None: ...
     def restore(self) -> None: ...
-    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> None: ...
+    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]: ...
     def checksum(self) -> str: ...
+    def noise_id(self) -> str: ...
     def state_dict(self) -> dict[str, torch.Tensor]: ...
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def master_device(keep_base_on: str | None) -> str | None:
+    """``keep_base_on`` (gpu, cpu or None) as the device argument of :class:`PerturbableParams`."""
+    if keep_base_on in (None, "gpu"):
+        return None  # beside the live weights, wherever they are
+    if keep_base_on == "cpu":
+        return "cpu"
+    raise ValueError(f"keep_base_on must be gpu or cpu, got {keep_base_on!r}")
 
 
 def resolve_torch_dtype(dtype: str) -> torch.dtype:
@@ -65,7 +79,8 @@ class TransformersEngine:
     """A Hugging Face causal LM on one device, perturbed in place.
 
     Batched left-padded ``generate`` with stop strings; every parameter is perturbed (embeddings,
-    norms and linear layers alike).
+    norms and linear layers alike). ``keep_base_on``: device of the exact (master) weights (None:
+    the engine's device); ``master_dtype``: ``fp32`` or ``model`` (see :mod:`alignment.es.weights`).
     """
 
     def __init__(
@@ -74,6 +89,7 @@ class TransformersEngine:
         device: str = "cpu",
         dtype: str = "fp32",
         keep_base_on: str | None = None,
+        master_dtype: MasterDtype = "fp32",
     ) -> None:
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -83,7 +99,11 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_torch_dtype(dtype))
         self.model.to(self.device).eval()
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.params = PerturbableParams(dict(self.model.named_parameters()), keep_on=keep_base_on)
+        self.params = PerturbableParams(
+            dict(self.model.named_parameters()),
+            keep_on=master_device(keep_base_on),
+            master_dtype=master_dtype,
+        )
 
     def generate(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         """Responses to raw prompts (the template is applied here), cut at the first stop marker."""
@@ -98,26 +118,22 @@ class TransformersEngine:
     def restore(self) -> None:
         self.params.restore()
 
-    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> None:
-        self.params.apply_update(seeds, coefficients, scale)
+    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]:
+        return self.params.apply_update(seeds, coefficients, scale).metrics()
 
     def checksum(self) -> str:
         return self.params.checksum()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The unperturbed weights by HF name, on CPU (for checkpoints and repair)."""
-        return {name: t.detach().to("cpu", copy=True) for name, t in self.params.base.items()}
+    def noise_id(self) -> str:
+        return self_check(self.device)
 
-    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The exact (master) weights by HF name, on CPU (for checkpoints and repair)."""
+        return self.params.state_dict()
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Overwrite the weights (repair after a checksum mismatch, or resume)."""
-        missing = sorted(set(self.params.base) - set(state))
-        if missing:
-            raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
-        self.restore()
-        for name, base in self.params.base.items():
-            base.copy_(state[name])
-            self.params.params[name].copy_(state[name])
+        self.params.load_state_dict(state)
 
 
 class VLLMEngine:
@@ -128,6 +144,9 @@ class VLLMEngine:
     noise as :class:`TransformersEngine` (bit-identical fp32 weights on CPU). vLLM is imported
     here, not at module level, so this module imports without it.
 
+    On a GPU, ``gpu_memory_utilization`` is the share of the card for the whole engine: vLLM is
+    given that share minus the ES master weights kept on the GPU (``keep_base_on="gpu"``) and the
+    ES temporaries (:func:`alignment.es.memory.plan_engine_memory`; the plan is logged).
     On CPU: ``kv_cache_memory_bytes`` defaults to 256 MiB (vLLM's default memory check wants most
     of the node's memory), ``enforce_eager`` defaults to True (no inductor compile), and
     ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the environment keeps the engine in-process (~3 s to
@@ -146,6 +165,7 @@ class VLLMEngine:
         max_model_len: int | None = None,  # None: the model config's context length
         enforce_eager: bool | None = None,
         keep_base_on: str | None = None,
+        master_dtype: MasterDtype = "fp32",
         enable_prefix_caching: bool = True,
         **llm_kwargs: object,
     ) -> None:
@@ -159,6 +179,9 @@ class VLLMEngine:
             enforce_eager = on_cpu
         if kv_cache_memory_bytes is None and on_cpu:
             kv_cache_memory_bytes = self.CPU_KV_CACHE_BYTES
+        if not on_cpu and kv_cache_memory_bytes is None:
+            gpu_memory_utilization = self._vllm_share(model_path, dtype, gpu_memory_utilization,
+                                                      keep_base_on, master_dtype)  # fmt: skip
         self._worker = vllm_worker
         self.llm = vllm.LLM(
             model=model_path,
@@ -174,8 +197,22 @@ class VLLMEngine:
         )
         self._sampling_params = vllm.SamplingParams
         self._tokenizer = self.llm.get_tokenizer()
-        self.param_names: list[str] = self._rpc("es_init", keep_base_on)
+        self.param_names: list[str] = self._rpc("es_init", master_device(keep_base_on), master_dtype)
         logger.info("vLLM engine on %s with %d ES tensors", model_path, len(self.param_names))
+
+    @staticmethod
+    def _vllm_share(
+        model_path: str, dtype: str, budget: float, keep_base_on: str | None, master_dtype: str
+    ) -> float:
+        from alignment.es.memory import count_parameters, master_bytes_per_param, plan_engine_memory
+
+        live = torch.empty((), dtype=resolve_torch_dtype(dtype)).element_size()
+        plan = plan_engine_memory(
+            count_parameters(model_path), torch.cuda.mem_get_info()[1], budget, live_bytes_per_param=live,
+            master_bytes=master_bytes_per_param(master_dtype, live), keep_base_on=keep_base_on or "gpu",
+        )  # fmt: skip
+        logger.info("ES engine memory: %s", plan.describe())
+        return plan.vllm_gpu_memory_utilization
 
     def _rpc(self, method: str, *args: object) -> object:
         return self._worker.call_all(self.llm.collective_rpc, method, *args)
@@ -219,15 +256,19 @@ class VLLMEngine:
         self._rpc("es_restore")
         self._weights_changed()
 
-    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> None:
-        self._rpc("es_apply_update", list(seeds), list(coefficients), scale)
+    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]:
+        stats = self._rpc("es_apply_update", list(seeds), list(coefficients), scale)
         self._weights_changed()
+        return stats
 
     def checksum(self) -> str:
         return self._rpc("es_checksum")
 
+    def noise_id(self) -> str:
+        return self._rpc("es_noise_id")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The unperturbed weights by HF name (HF shapes, vocabulary padding dropped), on CPU."""
+        """The exact (master) weights by HF name (HF shapes, vocabulary padding dropped), on CPU."""
         return self._worker.unpack_tensors(self._rpc("es_state_dict"))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

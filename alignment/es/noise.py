@@ -1,47 +1,312 @@
-"""Seeded weight noise for evolution strategies: a population member is just an integer seed.
+"""Seeded weight noise for evolution strategies, the same on every device: a member is an integer seed.
 
-The noise of one parameter tensor is drawn from a generator seeded by a stable hash of
-(member seed, canonical Hugging Face parameter name), so it is
+The noise of one parameter tensor is a pure function of (member seed, canonical Hugging Face name,
+element index): element ``i`` of the flattened tensor is computed from ``i`` alone by a
+counter-based generator, so it is
 
-- i.i.d. across tensors (no two tensors share a stream),
-- the same on every engine that holds the tensor on the same kind of device, whatever its layout
-  (vLLM writes the q/k/v and gate/up noise into slices of its fused tensors by HF name),
-- reproducible from (seed, name) alone: engines exchange seeds and coefficients, never weights.
+- the same on every GPU model, on CPU, in any chunking and under ``torch.compile``;
+- i.i.d. across tensors and members (every (seed, name) has its own 96-bit key);
+- reproducible from (seed, name) alone: engines exchange seeds and coefficients, never weights
+  (vLLM writes the q/k/v and gate/up noise into slices of its fused tensors by HF name).
 
-Exactness comes from the design, not from arithmetic luck: :class:`PerturbableParams` keeps the
-unperturbed values, writes θ + σε (computed in fp32, rounded once) into the live tensors, and
-restores by copying the kept values back, which is bit-exact in any dtype (subtracting σε in bf16
-is not). An update is accumulated in fp32 from (seeds, coefficients) and applied with one rounding.
+Why not ``torch.randn`` with a seeded generator: PyTorch sizes the CUDA kernel's grid, and with it
+which Philox offsets each element gets, from the card's multiprocessor count, so large tensors get
+different values on an A100, an H100 or a MIG slice (PyTorch issues #143086, #196613).
+
+How (implementation ``NOISE_ID``): ``blake2b(seed, name)`` gives three 32-bit key words; the
+element index goes through three rounds of a multiply-xorshift hash (a bijection of 32-bit
+integers), each round keyed by one word; the 32 output bits become a standard normal by an inverse
+CDF: 1 sign bit, and 31 bits as a tail probability p = (2m + 1)·2⁻³³ that is located in its binary
+octave (32 octaves, 256 sub-bins each) and interpolated linearly between exact quantiles stored in
+fixed point (2⁻²⁴). Every step is integer arithmetic on int64 tensors that cannot overflow
+(products stay below 2⁶³), and the only floating-point step is one int → fp32 conversion (round to
+nearest, IEEE) times a power of two. Transcendental functions (log, cos, erfinv), whose last bits
+differ between CPU and CUDA libraries and between SIMD widths, are never evaluated on a tensor:
+the quantile table is built once per process in double precision and checked against
+``TABLE_SHA256``. So CPU and CUDA engines agree bit for bit by construction, and
+:func:`self_check` proves it for a device at engine start (``bench/noise_devices.py`` compares
+devices directly). Resolution: tails to |z| ≈ 6.3, values on a 2⁻²⁴ grid, quantile interpolation
+error below 1e-6.
+
+Speed (``bench/noise_devices.py``): eager int64 arithmetic takes 2-5x ``torch.randn``'s time on CPU;
+with ``torch.compile`` (one fused kernel, identical results because every step is integer
+arithmetic) 0.6-1.5x.
+``ALIGNMENT_ES_NOISE_COMPILE``: ``auto`` (default: compile on CUDA), ``1`` (also on CPU), ``0``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import logging
+import math
+import os
+import threading
+from collections.abc import Sequence
+from statistics import NormalDist
 
+import numpy as np
 import torch
 
-_SEED_MASK = (1 << 63) - 1
+logger = logging.getLogger(__name__)
+
+NOISE_NAME = "hash32x3-icdf256"
+NOISE_VERSION = 1
+NOISE_ID = f"{NOISE_NAME}/v{NOISE_VERSION}"
+
+_M32 = 0xFFFFFFFF
+# odd multipliers below 2**31, so that a 32-bit value times one stays below 2**63 in int64
+_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39, 0x21F0AAAD, 0x5BD1E995, 0x1B873593)
+_SUB_BITS = 8  # 256 sub-bins per octave of the tail probability
+_FIXED_BITS = 24  # quantiles in units of 2**-24
+_MAX_NUMEL = 1 << 32  # element indices are 32-bit counters
+TABLE_SHA256 = "b29f3ef23898a4e2a9586d346b3b1177c97fb1f5f21da4d1bb2d9922f3f438ae"
+PROBE_SHA256 = "f721ab2daaa1b27b73984ed2ccabae751f0911737207256bc8e307ca8328c1cd"
 
 
-def param_seed(member_seed: int, name: str) -> int:
-    """A 63-bit seed from (member seed, parameter name), stable across processes and Python runs."""
-    digest = hashlib.blake2b(f"{int(member_seed)}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _SEED_MASK
+class NoiseMismatchError(RuntimeError):
+    """Noise, or the arithmetic on it, would differ from what the rest of the run uses."""
+
+
+def noise_key(member_seed: int, name: str, stream: str = "") -> tuple[int, int, int]:
+    """Three 32-bit key words for (member seed, HF parameter name[, stream]); stable across runs.
+
+    ``stream`` separates several draws for one parameter (e.g. low-rank factors ``"A"``/``"B"``);
+    the empty stream is the full-rank noise.
+    """
+    text = f"{int(member_seed)}\x00{name}" + (f"\x00{stream}" if stream else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=12).digest()
+    return tuple(int.from_bytes(digest[i : i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+
+
+def _quantile(p: float) -> float:
+    """-Φ⁻¹(p): the standard normal z with tail probability p."""
+    return -NormalDist().inv_cdf(p)
+
+
+def _build_table() -> np.ndarray:
+    """Fixed-point quantiles at p = 2^(k-33)·(1 + j/256), k = 0..31, j = 0..255, and p = 0.5 last.
+
+    Built in double precision; each entry must lie well away from a rounding boundary so that any
+    libm (whose last-bit errors are ~1e-16 relative) rounds it the same way.
+    """
+    sub = 1 << _SUB_BITS
+    out = np.empty(32 * sub + 1, dtype=np.int64)
+    for n in range(32 * sub + 1):
+        k, j = divmod(n, sub)
+        scaled = _quantile(math.ldexp(1.0 + j / sub, k - 33)) * (1 << _FIXED_BITS)
+        if abs(scaled - math.floor(scaled) - 0.5) < 1e-6:
+            raise NoiseMismatchError(f"noise table entry {n} is too close to a rounding boundary")
+        out[n] = round(scaled)
+    return out
+
+
+_TABLE = _build_table()
+if hashlib.sha256(_TABLE.tobytes()).hexdigest() != TABLE_SHA256:
+    raise NoiseMismatchError(
+        f"this platform builds the noise quantile table differently (sha256 "
+        f"{hashlib.sha256(_TABLE.tobytes()).hexdigest()}, expected {TABLE_SHA256}); its ES noise "
+        "would differ from other machines'"
+    )
+
+
+def _mix_(x: torch.Tensor, c1: int, c2: int) -> torch.Tensor:
+    """One round of a multiply-xorshift hash of 32-bit values held in int64 (a bijection), in place."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(c1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(c2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def hash_bits(counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+    """32 random bits per element of int64 ``counter`` (values in [0, 2³²)); the key words are int64
+    0-d tensors, or tensors shaped like ``counter`` (one key per element: several tensors at once)."""
+    c = _MULTIPLIERS
+    x = _mix_(counter ^ k0, c[0], c[1])
+    x = _mix_(x.bitwise_xor_(k1), c[2], c[3])
+    return _mix_(x.bitwise_xor_(k2), c[4], c[5])
+
+
+def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """Standard normal fp32 values from 32-bit integers (int64 tensor), by the fixed-point inverse CDF.
+
+    v = 2m + 1 (odd, p = v·2⁻³³) is exact in float64, whose bits are then read as integers: the
+    exponent is v's octave, the top 8 mantissa bits its sub-bin (together the table index), the
+    next 23 bits the position inside the sub-bin (the bits below are zero: v has at most 32).
+    """
+    sign = bits >> 31
+    v = ((bits & 0x7FFFFFFF) << 1) | 1
+    f64 = v.to(torch.float64).view(torch.int64)
+    idx = (f64 >> (52 - _SUB_BITS)) - (1023 << _SUB_BITS)
+    frac = (f64 >> (52 - _SUB_BITS - 23)) & ((1 << 23) - 1)
+    z = table.index_select(0, idx) - ((diffs.index_select(0, idx) * frac) >> 23)
+    z = (z ^ -sign) + sign  # two's complement: -z where the sign bit is set
+    return z.to(torch.float32) * (2.0**-_FIXED_BITS)
+
+
+def _normal_kernel(
+    start: torch.Tensor,
+    offsets: torch.Tensor,
+    k0: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    table: torch.Tensor,
+    diffs: torch.Tensor,
+) -> torch.Tensor:
+    return bits_to_normal(hash_bits(offsets + start, k0, k1, k2), table, diffs)
+
+
+COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
+
+
+class _DeviceState:
+    """The quantile table on one device and the kernel used there (eager, or compiled once)."""
+
+    def __init__(self, device: torch.device) -> None:
+        table = torch.from_numpy(_TABLE)
+        self.table = table.to(device)
+        self.diffs = (table[:-1] - table[1:]).to(device)
+        mode = os.environ.get(COMPILE_ENV, "auto").lower()
+        self.compiled = mode in {"1", "true", "on"} or (mode == "auto" and device.type == "cuda")
+        # compiled kernels have one fixed shape (the last chunk is computed whole and cut)
+        self.chunk = (1 << 22) if device.type == "cuda" else (1 << 16)
+        self.offsets = torch.arange(self.chunk, dtype=torch.int64, device=device)
+        self.kernel = _normal_kernel
+        if self.compiled:
+            try:
+                self.kernel = torch.compile(_normal_kernel, dynamic=False, fullgraph=True)
+            except Exception as exc:  # noqa: BLE001 - same numbers either way, only slower
+                logger.warning("torch.compile unavailable for ES noise on %s (%s); eager", device, exc)
+                self.compiled = False
+
+
+_STATES: dict[torch.device, _DeviceState] = {}
+_STATES_LOCK = threading.Lock()
+
+
+def _state(device: torch.device) -> _DeviceState:
+    with _STATES_LOCK:
+        if device not in _STATES:
+            _STATES[device] = _DeviceState(device)
+        return _STATES[device]
+
+
+def set_compile_mode(mode: str) -> None:
+    """``auto`` (compile on CUDA), ``1`` (everywhere) or ``0``: for this process, from the next draw on
+    (the numbers are the same in every mode; only the speed differs)."""
+    if mode not in {"auto", "1", "0"}:
+        raise ValueError(f"compile mode must be auto, 1 or 0, got {mode!r}")
+    os.environ[COMPILE_ENV] = mode
+    with _STATES_LOCK:
+        _STATES.clear()
+
+
+def compiled_on(device: torch.device | str) -> bool:
+    """Whether draws on ``device`` use the compiled kernel."""
+    return _state(torch.device(device)).compiled
+
+
+def _run(st: _DeviceState, device: torch.device, *args: torch.Tensor) -> torch.Tensor:
+    try:
+        return st.kernel(*args, st.table, st.diffs)
+    except Exception as exc:  # noqa: BLE001 - a failed compilation: same numbers, eager
+        if not st.compiled:
+            raise
+        logger.warning("compiled ES noise failed on %s (%s); using eager kernels", device, exc)
+        st.kernel, st.compiled = _normal_kernel, False
+        return st.kernel(*args, st.table, st.diffs)
+
+
+def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` (1-D) zero-padded to ``size``: a compiled kernel has one shape."""
+    return t if t.numel() == size else torch.cat([t, t.new_zeros(size - t.numel())])
+
+
+def normal_range(key: Sequence[int], start: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """Elements ``start .. start+count-1`` of the stream ``key`` as a fp32 tensor of shape (count,)."""
+    device = torch.device(device)
+    if start < 0 or start + count > _MAX_NUMEL:
+        raise ValueError(f"noise elements {start}..{start + count} outside [0, 2**32)")
+    st = _state(device)
+    k0, k1, k2 = (torch.tensor(w, dtype=torch.int64, device=device) for w in key)
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    for a in range(0, count, st.chunk):
+        b = min(a + st.chunk, count)
+        offsets = st.offsets if st.compiled else st.offsets[: b - a]
+        begin = torch.tensor(start + a, dtype=torch.int64, device=device)
+        out[a:b] = _run(st, device, begin, offsets, k0, k1, k2)[: b - a]
+    return out
+
+
+def segment_index(
+    segments: Sequence[tuple[int, int]], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counter, which) for :func:`normal_indexed`: element e of the concatenation of segments
+    (start, count) is element ``counter[e]`` of segment ``which[e]``. Independent of the keys, so
+    a caller drawing the same layout for many members builds it once."""
+    counts = [count for _, count in segments]
+    if any(start < 0 or start + count > _MAX_NUMEL for start, count in segments):
+        raise ValueError("noise elements outside [0, 2**32)")
+    which = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(counts))
+    firsts = torch.tensor([0, *counts[:-1]], dtype=torch.int64).cumsum(0)
+    shift = torch.tensor([start for start, _ in segments], dtype=torch.int64) - firsts
+    counter = torch.arange(sum(counts), dtype=torch.int64) + shift[which]
+    return counter.to(device), which.to(device)
+
+
+def normal_indexed(
+    counter: torch.Tensor, which: torch.Tensor, keys: Sequence[Sequence[int]], device: torch.device | str
+) -> torch.Tensor:
+    """Noise of element ``counter[e]`` of the stream ``keys[which[e]]`` for every e (fp32, 1-D)."""
+    device = torch.device(device)
+    st = _state(device)
+    words = torch.tensor([list(k) for k in keys], dtype=torch.int64, device=device)
+    per_element = [words[:, j].contiguous().index_select(0, which) for j in range(3)]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
+    for a in range(0, counter.numel(), st.chunk):
+        b = min(a + st.chunk, counter.numel())
+        size = st.chunk if st.compiled else b - a
+        parts = [_padded(t[a:b], size) for t in (counter, *per_element)]
+        out[a:b] = _run(st, device, zero, *parts)[: b - a]
+    return out
+
+
+def normal_segments(
+    segments: Sequence[tuple[Sequence[int], int, int]], device: torch.device | str
+) -> torch.Tensor:
+    """``cat([normal_range(key, start, count) for key, start, count in segments])`` in one pass.
+
+    Many small tensors (norms, biases, a small model's matrices) then cost one kernel call instead
+    of one each: every element carries its own key and counter, so the values are the same.
+    """
+    if len(segments) == 1:
+        return normal_range(*segments[0], device)
+    counter, which = segment_index([(start, count) for _, start, count in segments], device)
+    return normal_indexed(counter, which, [key for key, _, _ in segments], device)
 
 
 def gaussian(
-    member_seed: int, name: str, shape: Sequence[int] | torch.Size, device: torch.device | str
+    member_seed: int,
+    name: str,
+    shape: Sequence[int] | torch.Size,
+    device: torch.device | str,
+    stream: str = "",
 ) -> torch.Tensor:
-    """Standard normal noise (fp32) of ``shape`` for parameter ``name`` of member ``member_seed``.
+    """Standard normal noise (fp32) of ``shape`` for parameter ``name`` of member ``member_seed``."""
+    shape = tuple(shape)
+    return normal_range(noise_key(member_seed, name, stream), 0, math.prod(shape), device).view(shape)
 
-    Drawn on ``device`` with that device's generator: identical for every engine on the same kind
-    of device (CPU or CUDA), which is what seeds-only synchronisation needs.
-    """
-    device = torch.device(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(param_seed(member_seed, name))
-    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+def f32(x: float) -> float:
+    """``x`` rounded to fp32: the scalar every device multiplies fp32 noise by."""
+    return float(np.float32(x))
+
+
+def add_scaled_(acc: torch.Tensor, noise: torch.Tensor, coef: float) -> torch.Tensor:
+    """acc += noise · fp32(coef), as a multiplication then an addition: two IEEE roundings on every
+    device (``add_(x, alpha=c)`` may become one fused multiply-add on one device and not another)."""
+    return acc.add_(noise * f32(coef))
 
 
 def combined_noise(
@@ -51,88 +316,55 @@ def combined_noise(
     shape: Sequence[int] | torch.Size,
     device: torch.device | str,
 ) -> torch.Tensor:
-    """Σ cᵢ εᵢ(name) in fp32: the direction of one ES update for one tensor."""
+    """Σ cᵢ εᵢ(name) in fp32, summed in the order given: the direction of one ES update for one tensor."""
     if len(seeds) != len(coefficients):
         raise ValueError(f"{len(seeds)} seeds but {len(coefficients)} coefficients")
     acc = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     for seed, coef in zip(seeds, coefficients, strict=True):
         if coef != 0.0:
-            acc.add_(gaussian(seed, name, shape, device), alpha=float(coef))
+            add_scaled_(acc, gaussian(seed, name, shape, device), coef)
     return acc
 
 
-def tensor_checksum(tensor: torch.Tensor) -> tuple[int, int]:
-    """Two exact integer sums of a tensor's bit patterns: equal tensors give equal pairs.
-
-    Computed on the tensor's device in int64, so no weights leave the device to compare engines.
-    """
-    flat = tensor.detach().contiguous().view(-1)
-    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    ints = flat.view(bits).to(torch.int64)
-    weights = torch.arange(1, ints.numel() + 1, device=ints.device, dtype=torch.int64) % 65521
-    return int(ints.sum().item()), int((ints * weights).sum().item())
-
-
-def weights_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A short hex digest of named tensors (order-independent over names)."""
+def _probe_digest(device: torch.device | str) -> str:
+    """Digest of noise and of the update/perturbation arithmetic on ``device`` (several chunks)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        s1, s2 = tensor_checksum(tensor)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{s1}:{s2};".encode())
-    return h.hexdigest()[:16]
+    shape = (3, 70001)
+    eps = gaussian(12345, "model.probe.weight", shape, device)
+    direction = combined_noise([1, 2, 3], [0.5, -1.25, 2.0], "model.layers.0.probe.weight", shape, device)
+    master = eps * f32(0.02)
+    moved = master + direction * f32(1.7e-5)
+    live = (master + eps * f32(-1e-3)).to(torch.bfloat16)
+    for t in (eps, direction, moved, live):
+        h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-class PerturbableParams:
-    """Live parameter tensors plus their kept unperturbed values.
+def self_check(device: torch.device | str) -> str:
+    """``NOISE_ID`` if ``device`` computes exactly the reference noise and update arithmetic, else
+    :class:`NoiseMismatchError`. Engines call it at start, so a device that would differ never joins."""
+    digest = _probe_digest(device)
+    st = _state(torch.device(device))
+    if digest != PROBE_SHA256 and st.compiled:  # the compiled kernel is wrong here: try eager
+        st.kernel, st.compiled = _normal_kernel, False
+        digest = _probe_digest(device)
+        if digest == PROBE_SHA256:
+            logger.warning("compiled ES noise differs from the reference on %s; using eager kernels", device)
+    if digest != PROBE_SHA256:
+        raise NoiseMismatchError(
+            f"ES noise on {device} differs from the reference ({NOISE_ID}: probe sha256 {digest}, "
+            f"expected {PROBE_SHA256}); an engine there would perturb and update with other noise"
+        )
+    return NOISE_ID
 
-    ``params`` maps canonical HF names to the tensors an engine computes with. ``keep_on`` chooses
-    where the unperturbed copy lives (default: the parameter's own device; "cpu" halves GPU memory
-    at the cost of a host-to-device copy per restore).
-    """
 
-    def __init__(self, params: dict[str, torch.Tensor], keep_on: str | torch.device | None = None) -> None:
-        if not params:
-            raise ValueError("no parameters to perturb")
-        self.params = params
-        self.base = {
-            name: t.detach().to(keep_on if keep_on is not None else t.device, copy=True)
-            for name, t in params.items()
-        }
-        self.perturbed_by: tuple[int, float] | None = None
-
-    @torch.no_grad()
-    def perturb(self, member_seed: int, sigma: float, sign: float = 1.0) -> None:
-        """Live weights ← round(θ + sign·σ·ε(member_seed)); θ are the kept values."""
-        if self.perturbed_by is not None:
-            raise RuntimeError(f"already perturbed by {self.perturbed_by}; restore() first")
-        for name, live in self.params.items():
-            noise = gaussian(member_seed, name, live.shape, live.device)
-            # torch.add, not add_: for fp32 weights .to() returns the kept tensor itself
-            live.copy_(torch.add(self.base[name].to(live.device, torch.float32), noise, alpha=sign * sigma))
-        self.perturbed_by = (member_seed, sign)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Live weights ← kept values, bit for bit."""
-        for name, live in self.params.items():
-            live.copy_(self.base[name])
-        self.perturbed_by = None
-
-    @torch.no_grad()
-    def apply_update(self, seeds: Sequence[int], coefficients: Sequence[float], scale: float) -> None:
-        """θ ← round(θ + scale · Σ cᵢ εᵢ), accumulated in fp32, into both kept and live tensors.
-
-        ES calls it with ``scale = α / N`` and ``cᵢ`` the normalised fitness (times the antithetic
-        sign), so every engine that applies the same call reaches the same weights.
-        """
-        if self.perturbed_by is not None:
-            raise RuntimeError("apply_update() on perturbed weights; restore() first")
-        for name, live in self.params.items():
-            direction = combined_noise(seeds, coefficients, name, live.shape, live.device)
-            updated = torch.add(self.base[name].to(live.device, torch.float32), direction, alpha=scale)
-            self.base[name].copy_(updated)
-            live.copy_(updated)
-
-    def checksum(self) -> str:
-        """Checksum of the kept (unperturbed) weights."""
-        return weights_checksum(self.base.items())
+def require_noise(found: dict[str, str], expected: str = NOISE_ID) -> None:
+    """Refuse a run whose engines (or whose replay log / checkpoint) use another noise: ``found``
+    maps where each noise id came from (e.g. ``"engine 2"``) to the id."""
+    wrong = {where: nid for where, nid in found.items() if nid != expected}
+    if wrong:
+        detail = ", ".join(f"{where}: {nid!r}" for where, nid in wrong.items())
+        raise NoiseMismatchError(
+            f"ES noise mismatch: this code draws {expected!r} but {detail}. Updates from other noise "
+            "cannot be replayed or combined; use the code version that wrote them, or start a new run"
+        )

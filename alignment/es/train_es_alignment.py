@@ -37,14 +37,15 @@ def build_executor(cfg: ESConfig):
     device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
     dtype = ("bf16" if device.startswith("cuda") else "fp32") if cfg.dtype == "auto" else cfg.dtype
     if cfg.executor == "ray":
-        from alignment.es.executors import RayExecutor
+        from alignment.es.ray_executor import RayExecutor
 
         return RayExecutor(cfg, device=device, dtype=dtype)
     if cfg.backend == "vllm":
         from alignment.es.engines import VLLMEngine
 
         engines = [VLLMEngine(cfg.policy_model_path, dtype=dtype, seed=cfg.seed,
-                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)]  # fmt: skip
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                              keep_base_on=cfg.keep_base_on, master_dtype=cfg.master_dtype)]  # fmt: skip
         if cfg.num_engines > 1:
             raise ValueError("several vLLM engines need --executor ray (one actor per GPU)")
     else:
@@ -53,7 +54,8 @@ def build_executor(cfg: ESConfig):
         devices = (
             [f"cuda:{k}" for k in range(cfg.num_engines)] if device == "cuda" else [device] * cfg.num_engines
         )
-        engines = [TransformersEngine(cfg.policy_model_path, device=d, dtype=dtype) for d in devices]
+        engines = [TransformersEngine(cfg.policy_model_path, device=d, dtype=dtype, keep_base_on=cfg.keep_base_on,
+                                      master_dtype=cfg.master_dtype) for d in devices]  # fmt: skip
     return LocalExecutor(engines)
 
 

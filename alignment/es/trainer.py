@@ -1,8 +1,9 @@
 """The ES alignment trainer: maximise mean R − λ·mean C with seeded weight perturbations.
 
 Per iteration: sample a prompt batch; draw the population (seeds); each member's perturbed policy
-answers the batch on some engine while earlier members are being scored; fitness fᵢ = R̄ᵢ − λ·C̄ᵢ;
-zᵢ = shaped fitness; θ ← θ + α/N Σ zᵢ·signᵢ·εᵢ on every engine from the seeds alone; λ from the
+answers the batch on some engine while earlier members are being scored (each distinct
+(prompt, response) pair once); fitness fᵢ = R̄ᵢ − λ·C̄ᵢ; zᵢ = shaped fitness;
+θ ← θ + α/N Σ zᵢ·signᵢ·εᵢ on every engine from the seeds alone, into the exact weights; λ from the
 shared controller. The replay log entry written after the update commits the iteration.
 """
 
@@ -13,7 +14,7 @@ import json
 import logging
 import random
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,19 @@ from alignment.config import save_config
 from alignment.es.checkpoint import (
     ReplayEntry,
     ReplayLog,
+    check_numerics,
     load_latest,
     replay_updates,
     save_final,
     save_latest,
 )
 from alignment.es.config import ESConfig
+from alignment.es.diagnostics import population_diagnostics
 from alignment.es.engines import GenerationSettings
+from alignment.es.noise import NOISE_ID
 from alignment.es.population import fitness, population, shape_fitness, update_terms
+from alignment.es.score_cache import PairScoreCache
+from alignment.es.sync import check_engines
 from alignment.lagrange import LagrangeController
 from alignment.scoring.client import ScorerClient, ScorerError, Scores
 from alignment.scoring.quadrants import summarize
@@ -87,6 +93,7 @@ class ESTrainer:
         """Bring engines and λ to the last committed iteration; returns the next iteration."""
         entries = self.replay.read()
         latest = load_latest(self.run_dir)
+        check_numerics(entries, latest[1] if latest else None, self.cfg.master_dtype, str(self.run_dir))
         done = -1
         if latest is not None:
             weights, state = latest
@@ -103,31 +110,38 @@ class ESTrainer:
         return self.start_iteration
 
     def checkpoint(self, iteration: int) -> None:
-        state = {"iteration": iteration, "lagrange": self.lagrange.state_dict()}
+        state = {"iteration": iteration, "lagrange": self.lagrange.state_dict(), "noise": NOISE_ID,
+                 "master_dtype": self.cfg.master_dtype}  # fmt: skip
         save_latest(self.run_dir, self.executor.state_dict(), self.cfg.policy_model_path, state)
 
     # -- one iteration ---------------------------------------------------------------------
     def score_population(
-        self, members: list, prompts: list[str], settings: GenerationSettings
-    ) -> tuple[list[Scores], dict[str, float]]:
-        """Generate every member and score it as soon as it is generated (scoring overlaps generation)."""
-        futures: dict[int, Future] = {}
-        with ThreadPoolExecutor(max_workers=max(2, self.executor.num_engines)) as pool:
+        self, members: list, prompts: list[str], settings: GenerationSettings, cache: PairScoreCache
+    ) -> tuple[list[Scores], list[list[str]], dict[str, float]]:
+        """Generate every member; its new pairs go to the scorer as soon as it is generated (scoring
+        overlaps generation). Returns (scores, responses, timings) in member order."""
+        pending: dict[int, Any] = {}
+        responses: dict[int, list[str]] = {}
 
-            def on_generated(i: int, responses: list[str]) -> None:
-                futures[i] = pool.submit(self.client.score, prompts, responses)
+        def on_generated(i: int, answers: list[str]) -> None:
+            responses[i] = answers
+            pending[i] = cache.submit(prompts, answers)
 
-            t0 = time.perf_counter()
-            timings = self.executor.evaluate(members, prompts, self.cfg.sigma, settings, on_generated)
-            t_gen = time.perf_counter()
-            scores = [futures[i].result() for i in range(len(members))]
-            t_done = time.perf_counter()
-        return scores, {
-            "time/generation": max(timings.generation),
-            "time/perturb_restore": max(timings.perturb_restore),
-            "time/generate_phase": t_gen - t0,
-            "time/scoring_wait": t_done - t_gen,
-        }
+        t0 = time.perf_counter()
+        timings = self.executor.evaluate(members, prompts, self.cfg.sigma, settings, on_generated)
+        t_gen = time.perf_counter()
+        scores = [pending[i].result() for i in range(len(members))]
+        t_done = time.perf_counter()
+        return (
+            scores,
+            [responses[i] for i in range(len(members))],
+            {
+                "time/generation": max(timings.generation),
+                "time/perturb_restore": max(timings.perturb_restore),
+                "time/generate_phase": t_gen - t0,
+                "time/scoring_wait": t_done - t_gen,
+            },
+        )
 
     def step(self, iteration: int) -> dict[str, float]:
         cfg = self.cfg
@@ -136,28 +150,33 @@ class ESTrainer:
         members = population(cfg.seed, iteration, cfg.population_size, cfg.antithetic)
         # every member samples with the same seed (common random numbers); it changes per iteration
         settings = dataclasses.replace(self.settings, seed=cfg.seed * 1_000_003 + iteration)
-        scores, metrics = self.score_population(members, prompts, settings)
-        lam = self.lagrange.value
-        r_bar = [float(np.mean(s.rewards)) for s in scores]
-        c_bar = [float(np.mean(s.costs)) for s in scores]
-        f = fitness(r_bar, c_bar, lam)
-        z = shape_fitness(f, cfg.fitness_shaping)
-        seeds, coefs, scale = update_terms(members, z, cfg.alpha)
-        if cfg.lambda_cost_source == "unperturbed":  # θ itself on the batch (one more generation)
-            answers = self.executor.generate(prompts, settings)
-            mean_cost = float(np.mean(self.client.score(prompts, answers).costs))
-        else:
-            mean_cost = float(np.mean(c_bar))
+        with ThreadPoolExecutor(max_workers=max(2, self.executor.num_engines)) as pool:
+            cache = PairScoreCache(self.client.score, pool)
+            scores, responses, metrics = self.score_population(members, prompts, settings, cache)
+            lam = self.lagrange.value
+            r_bar = [float(np.mean(s.rewards)) for s in scores]
+            c_bar = [float(np.mean(s.costs)) for s in scores]
+            f = fitness(r_bar, c_bar, lam)
+            z = shape_fitness(f, cfg.fitness_shaping)
+            seeds, coefs, scale = update_terms(members, z, cfg.alpha)
+            if cfg.lambda_cost_source == "unperturbed":  # θ itself on the batch (one more generation)
+                answers = self.executor.generate(prompts, settings)
+                mean_cost = float(np.mean(cache.submit(prompts, answers).result().costs))
+            else:
+                mean_cost = float(np.mean(c_bar))
         # nothing below may fail on the scorer: the update and the replay entry commit together
         t_up = time.perf_counter()
-        self.executor.apply_update(seeds, coefs, scale)
+        metrics.update(self.executor.apply_update(seeds, coefs, scale))
         metrics["time/update"] = time.perf_counter() - t_up
         self.lagrange.update(mean_cost)
-        self.replay.append(ReplayEntry(iteration, seeds, coefs, scale, self.lagrange.state_dict()))
+        self.replay.append(ReplayEntry(iteration, seeds, coefs, scale, self.lagrange.state_dict(),
+                                       noise=NOISE_ID, master_dtype=cfg.master_dtype))  # fmt: skip
         metrics["time/sync"] = self.maybe_sync(iteration)
         rewards = np.concatenate([s.rewards for s in scores])
         costs = np.concatenate([s.costs for s in scores])
         stats = self.lagrange.last_stats()
+        metrics.update(cache.metrics())
+        metrics.update(population_diagnostics(members, responses, f))
         metrics.update({
             "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
             "train/cost_mean": float(costs.mean()), "train/cost_std": float(costs.std()),
@@ -172,23 +191,11 @@ class ESTrainer:
         return metrics
 
     def maybe_sync(self, iteration: int) -> float:
-        """Every ``checksum_every`` iterations compare engines; repair any that disagree, loudly."""
+        """Every ``checksum_every`` iterations compare engines (:func:`alignment.es.sync.check_engines`)."""
         if self.executor.num_engines < 2 or (iteration + 1) % self.cfg.checksum_every:
             return 0.0
         t0 = time.perf_counter()
-        sums = self.executor.checksums()
-        majority = max(set(sums), key=sums.count)
-        bad = [k for k, s in enumerate(sums) if s != majority]
-        if bad:
-            logger.error(
-                "iteration %d: engines %s disagree with the majority checksum %s; repairing",
-                iteration,
-                bad,
-                majority,
-            )
-            state = self.executor.state_dict(sums.index(majority))
-            self.executor.load_state_dict(state, engines=bad)
-            self.weight_bytes_sent += len(bad) * sum(t.numel() * t.element_size() for t in state.values())
+        self.weight_bytes_sent += check_engines(self.executor, self.run_dir, iteration)
         return time.perf_counter() - t0
 
     # -- the run ---------------------------------------------------------------------------
@@ -208,7 +215,9 @@ class ESTrainer:
                 before_path.parent.mkdir(parents=True, exist_ok=True)
                 before_path.write_text(json.dumps(before, indent=2))
                 # step 0 of the eval curves (plot_training_curves, TensorBoard): the policy before ES
-                tracker.log({f"eval/{key}": before[key] for key in ("R_mean", "C_mean", "safe_ratio")}, step=0)
+                tracker.log(
+                    {f"eval/{key}": before[key] for key in ("R_mean", "C_mean", "safe_ratio")}, step=0
+                )
             bar = tqdm(range(start, cfg.num_iterations), desc="ES", initial=start, total=cfg.num_iterations)
             iteration = start - 1
             for iteration in bar:

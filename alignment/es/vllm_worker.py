@@ -8,9 +8,10 @@ vLLM loads a checkpoint into fused tensors, so a Hugging Face parameter is a sli
   rows); only the first ``vocab_size`` rows are real.
 
 :func:`hf_views` turns vLLM's named parameters into canonical HF names → tensor *views* of HF
-shape, so :class:`alignment.es.noise.PerturbableParams` draws exactly the noise it draws for the
-transformers engine (same seed, name and shape) and writes it through the views into the fused
-tensors. On CPU in fp32 the perturbed weights are then bit-identical across the two engines.
+shape, so :class:`alignment.es.weights.PerturbableParams` draws exactly the noise it draws for the
+transformers engine (same seed, name and element index: the noise is device-independent) and
+writes it through the views into the fused tensors. The perturbed weights are then bit-identical
+across the two engines.
 
 :class:`ESWorkerExtension` is passed to ``vllm.LLM(worker_extension_cls=WORKER_EXTENSION)``; vLLM
 mixes it into its worker class, and the engine calls the ``es_*`` methods through
@@ -33,7 +34,8 @@ from typing import Any
 
 import torch
 
-from alignment.es.noise import PerturbableParams, weights_checksum
+from alignment.es.noise import self_check
+from alignment.es.weights import MasterDtype, PerturbableParams
 
 logger = logging.getLogger(__name__)
 
@@ -182,15 +184,16 @@ class ESWorkerExtension:
             raise RuntimeError("es_init() has not been called on this worker")
         return params
 
-    def es_init(self, keep_base_on: str | None = None) -> list[str]:
-        """Build the HF-named views and keep the unperturbed weights; returns the HF names.
+    def es_init(self, keep_base_on: str | None = None, master_dtype: MasterDtype = "fp32") -> list[str]:
+        """Build the HF-named views and the exact (master) weights; returns the HF names.
 
-        ``keep_base_on``: device for the kept copy (None = beside each weight).
+        ``keep_base_on``: device of the master (None = beside each weight, ``"cpu"``);
+        ``master_dtype``: ``fp32`` or ``model`` (see :mod:`alignment.es.weights`).
         """
         model = self.model_runner.get_model()
         config = self.model_config.hf_text_config
         views = hf_views(dict(model.named_parameters()), config)
-        self._es_params = PerturbableParams(views, keep_on=keep_base_on)
+        self._es_params = PerturbableParams(views, keep_on=keep_base_on, master_dtype=master_dtype)
         logger.info(
             "ES views over %d vLLM parameters → %d HF tensors", len(list(model.parameters())), len(views)
         )
@@ -204,35 +207,34 @@ class ESWorkerExtension:
         """Live weights ← kept θ, bit for bit."""
         self._es_state().restore()
 
-    def es_apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> None:
-        """θ ← θ + scale·Σ cᵢ εᵢ (fp32, one rounding), kept and live."""
-        self._es_state().apply_update(seeds, coefficients, scale)
+    def es_apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]:
+        """master ← master + scale·Σ cᵢ εᵢ (fp32), live ← round(master); returns the update's diagnostics."""
+        return self._es_state().apply_update(seeds, coefficients, scale).metrics()
 
     def es_checksum(self) -> str:
-        """Checksum of the kept weights; equal to the transformers engine's for equal weights."""
+        """Checksum of the exact weights; equal to the transformers engine's for equal weights."""
         return self._es_state().checksum()
 
     def es_live_checksum(self) -> str:
         """Checksum of the live (possibly perturbed) weights, for tests and debugging."""
-        return weights_checksum(self._es_state().params.items())
+        return self._es_state().live_checksum()
+
+    def es_noise_id(self) -> str:
+        """The noise implementation, after checking this worker's device computes the reference noise."""
+        return self_check(next(iter(self._es_state().params.values())).device)
+
+    def es_master_devices(self) -> list[str]:
+        """Devices and dtypes of the exact weights (e.g. ``["cpu:torch.float32"]``), for placement checks."""
+        return sorted({f"{t.device}:{t.dtype}" for t in self._es_state().master.values()})
 
     def es_state_dict(self, live: bool = False) -> dict[str, PackedTensor]:
-        """The kept weights by HF name, packed (``live=True``: the weights in use now)."""
+        """The exact weights by HF name, packed (``live=True``: the weights in use now)."""
         state = self._es_state()
-        return pack_tensors(state.params if live else state.base)
+        return pack_tensors(state.params if live else state.master)
 
-    @torch.no_grad()
     def es_load_state_dict(self, packed: dict[str, PackedTensor]) -> None:
-        """Overwrite kept and live weights from packed HF-named tensors (repair or resume)."""
-        params = self._es_state()
-        state = unpack_tensors(packed)
-        missing = sorted(set(params.base) - set(state))
-        if missing:
-            raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
-        params.restore()
-        for name, base in params.base.items():
-            base.copy_(state[name])
-            params.params[name].copy_(state[name])
+        """Overwrite exact and live weights from packed HF-named tensors (repair or resume)."""
+        self._es_state().load_state_dict(unpack_tensors(packed))
 
 
 def call_all(rpc: Callable[..., list[Any]], method: str, *args: Any) -> Any:
@@ -243,6 +245,8 @@ def call_all(rpc: Callable[..., list[Any]], method: str, *args: Any) -> Any:
     """
     results = rpc(method, args=args)
     first = results[0]
-    if method in {"es_checksum", "es_live_checksum", "es_init"} and any(r != first for r in results[1:]):
+    if method in {"es_checksum", "es_live_checksum", "es_init", "es_noise_id"} and any(
+        r != first for r in results[1:]
+    ):
         raise RuntimeError(f"workers disagree on {method}: {results}")
     return first

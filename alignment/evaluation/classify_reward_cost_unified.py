@@ -77,7 +77,8 @@ def load_policy(spec: SweepModel, cfg: SweepConfig) -> tuple[Generate, Callable[
         from alignment.es.engines import VLLMEngine
 
         extra: dict[str, Any] = {"tokenizer": spec.tokenizer} if spec.tokenizer else {}
-        engine = VLLMEngine(spec.model, dtype=cfg.dtype, seed=cfg.seed,
+        # no ES training here: the kept copy only loads the checkpoint, so keep it small and off the GPU
+        engine = VLLMEngine(spec.model, dtype=cfg.dtype, seed=cfg.seed, keep_base_on="cpu", master_dtype="model",
                             gpu_memory_utilization=cfg.gpu_memory_utilization, **extra)  # fmt: skip
         if state is not None:
             engine.load_state_dict(state)

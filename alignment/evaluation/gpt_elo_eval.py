@@ -13,7 +13,9 @@ Outputs in ``--output-dir``:
 
 - ``gpt_judgments.jsonl``: one row per judgment, appended (and fsynced) as each finishes:
   ``model_a`` (shown first), ``model_b``, ``dimension``, ``question``, ``scores`` ([a, b] or null
-  when the verdict had no ``[[s1, s2]]``), ``order_ab``, ``raw``, ``judge_model``. Re-running skips
+  when the verdict had no ``[[s1, s2]]``), ``order_ab``, ``raw``, ``judge_model``, ``verdict_parsing``
+  (``--verdict-parsing``: ``study``, the study's parser and the default, or ``strict``; see
+  :mod:`.judge`; one file holds one judge and one parsing). Re-running skips
   judgments already there (in random order mode a pair counts as done in either order); a
   truncated last line left by a crash is dropped and judged again.
 - ``gpt_elo_ratings.json``: ``{dimension: {model: rating}}``, the study's sequential Elo.
@@ -59,6 +61,7 @@ from alignment.evaluation.elo import (
 )
 from alignment.evaluation.judge import (
     DIMENSIONS,
+    VERDICT_PARSINGS,
     Judge,
     JudgeConfig,
     read_judgments,
@@ -175,7 +178,8 @@ def judge_tasks(tasks: Sequence[Task], judge: Judge, path: Path, concurrency: in
                                task.model_a, task.model_b, task.dimension)  # fmt: skip
             row = {"model_a": task.model_a, "model_b": task.model_b, "dimension": task.dimension,
                    "question": task.question, "scores": list(scores) if scores else None,
-                   "order_ab": [task.model_a, task.model_b], "raw": raw, "judge_model": judge.config.model}  # fmt: skip
+                   "order_ab": [task.model_a, task.model_b], "raw": raw, "judge_model": judge.config.model,
+                   "verdict_parsing": judge.config.verdict_parsing}  # fmt: skip
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -246,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     j.add_argument("--temperature", type=float, default=0.0, help="default 0")
     j.add_argument("--max-tokens", type=int, default=1024, help="judge reply length cap (default 1024)")
+    j.add_argument("--verdict-parsing", choices=VERDICT_PARSINGS, default="study",
+                   help="study: first [[a, b]], spaced brackets allowed, as the published study parsed (comparable "
+                   "with its judgments); strict: last [[a, b]] (default %(default)s)")  # fmt: skip
     r = p.add_argument_group("ratings")
     r.add_argument("--output-dir", default="alignment/outputs/gpt_elo", help="default %(default)s")
     r.add_argument(
@@ -309,6 +316,9 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]] | None:
     judges = {r["judge_model"] for r in existing if "judge_model" in r} - {a.judge_model}
     _require(not judges, f"{judgments} holds judgments by {sorted(judges)}, not {a.judge_model}: "
              "use another --output-dir (or --judgments) per judge")  # fmt: skip
+    parsings = {r["verdict_parsing"] for r in existing if "verdict_parsing" in r} - {a.verdict_parsing}
+    _require(not parsings, f"{judgments} holds verdicts parsed as {sorted(parsings)}, not {a.verdict_parsing}: "
+             "use another --output-dir (or --judgments) per parsing")  # fmt: skip
     done = done_keys(existing, a.order)
     missing = [t for t in tasks if t.key not in done]
     pending = missing[: a.limit] if a.limit > 0 else missing
@@ -319,7 +329,8 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]] | None:
         config = JudgeConfig(model=a.judge_model, base_url=a.base_url, api_key=api_key,
                              temperature=a.temperature, max_tokens=a.max_tokens, concurrency=a.concurrency,
                              max_requests_per_minute=a.max_requests_per_minute, max_retries=a.max_retries,
-                             retry_initial_wait=a.retry_initial_wait, timeout=a.timeout)  # fmt: skip
+                             retry_initial_wait=a.retry_initial_wait, timeout=a.timeout,
+                             verdict_parsing=a.verdict_parsing)  # fmt: skip
         judge_tasks(pending, Judge(config), judgments, a.concurrency)
     if len(pending) < len(missing):  # ratings of a partial sample would mislead
         logger.info("%d judgment(s) still to do (--limit): rerun to finish; no ratings yet",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from alignment.config import load_config
 from alignment.lagrange import LagrangeRecipe
@@ -20,6 +20,8 @@ def grpo_config_fields() -> frozenset[str]:
 
 @dataclass
 class GRPOAlignmentConfig(LagrangeRecipe):
+    passes_episode_costs: ClassVar[bool] = True  # LagrangeCallback hands λ every episode's cost
+
     # model and data
     model_name: str = "models/toy/policy"
     train_jsonl: str | None = None  # None: the toy training prompts
@@ -51,6 +53,7 @@ class GRPOAlignmentConfig(LagrangeRecipe):
     # evaluation and logging
     eval_every: int = 50  # greedy evaluation on the eval prompts every N steps (0: only at the end)
     eval_max_new_tokens: int | None = None  # default: max_completion_length
+    eval_batch_size: int = 64  # prompts per greedy generate call; the batches are dealt out to the ranks
     wandb: bool = False
     wandb_project: str | None = None
     # any other GRPOConfig field, given at the top level of the recipe

@@ -7,8 +7,9 @@
 :class:`ScorerReward` follows TRL's reward-function protocol ``(prompts, completions, **columns)
 -> list[float]``. It scores the raw prompt from the dataset column (never a prompt recovered from
 the templated text) with the completion cut at the next turn marker, and records the costs it saw.
-:class:`LagrangeCallback` all-reduces those costs across ranks at the end of every optimiser step
-and updates λ exactly once, so every rank uses the same λ; its state travels with TRL checkpoints
+:class:`LagrangeCallback` gathers those costs from all ranks (in rank order) at the end of every
+optimiser step and updates λ exactly once with them, so every rank uses the same λ (and the same
+episode window, when ``episode_cost_window_size`` is set); its state travels with TRL checkpoints
 (``ExportableState``; set ``restore_callback_states_from_checkpoint=True``).
 
 Trainer callbacks restored from a checkpoint are rebuilt from JSON arguments, so the reward and the
@@ -24,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -44,8 +44,7 @@ class LagrangeLink:
 
     key: str
     controller: LagrangeController
-    cost_sum: float = 0.0
-    cost_count: int = 0
+    costs: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -63,24 +62,21 @@ class LagrangeLink:
 
     def add_costs(self, costs: Sequence[float]) -> None:
         with self.lock:
-            self.cost_sum += float(sum(costs))
-            self.cost_count += len(costs)
+            self.costs.extend(float(c) for c in costs)
 
-    def take(self) -> tuple[float, int]:
+    def take(self) -> list[float]:
         with self.lock:
-            out = (self.cost_sum, self.cost_count)
-            self.cost_sum, self.cost_count = 0.0, 0
+            out, self.costs = self.costs, []
         return out
 
 
-def global_mean_cost(local_sum: float, local_count: int) -> tuple[float, int]:
-    """(mean, count) of the costs of all ranks: one all-reduce of (sum, count) in float64."""
-    if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([local_sum, float(local_count)], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        local_sum, local_count = t[0].item(), int(round(t[1].item()))
-    return (local_sum / local_count if local_count else math.nan), local_count
+def gather_costs(local: list[float]) -> list[float]:
+    """The costs of all ranks, rank 0's first (every rank gets the same list); local without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(local)
+    parts: list[list[float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(local))
+    return [c for part in parts for c in (part or [])]
 
 
 class LagrangeCallback(TrainerCallback, ExportableState):
@@ -104,9 +100,9 @@ class LagrangeCallback(TrainerCallback, ExportableState):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        mean_cost, count = global_mean_cost(*self.link.take())
-        if count:  # steps that reuse an earlier generation batch saw no new costs
-            self.link.controller.update(mean_cost)
+        costs = gather_costs(self.link.take())
+        if costs:  # steps that reuse an earlier generation batch saw no new costs
+            self.link.controller.update_costs(costs)
         self.lagrange_state = self.link.controller.state_dict()
         self.applied_restore = True
         return control

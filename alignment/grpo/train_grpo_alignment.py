@@ -14,8 +14,8 @@ import argparse
 import logging
 import os
 import sys
-import types
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +43,6 @@ def prompt_dataset(prompts: list[str]):
     return Dataset.from_list([{"prompt": prompt_text(p), "raw_prompt": p} for p in prompts])
 
 
-def stop_at_turn_markers(model: torch.nn.Module, tokenizer: Any) -> None:
-    """Let ``generate`` honour ``stop_strings`` from the generation config.
-
-    Transformers needs the tokenizer passed to ``generate`` for stop strings and TRL does not pass
-    it; this binds it once, so completions end at the next turn marker instead of inventing one.
-    """
-    original = model.generate
-
-    def generate(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("tokenizer", tokenizer)
-        return original(*args, **kwargs)
-
-    model.generate = types.MethodType(generate, model)
-
-
 def grpo_args(cfg: GRPOAlignmentConfig):
     """TRL GRPOConfig from the recipe (CPU-safe defaults when no GPU is present)."""
     from trl import GRPOConfig
@@ -73,29 +58,37 @@ def grpo_args(cfg: GRPOAlignmentConfig):
         use_cpu=not cuda,
         bf16=cuda,
         gradient_checkpointing=cuda,
-        generation_kwargs={"stop": list(STOP_MARKERS)}
-        if cfg.use_vllm
-        else {"stop_strings": list(STOP_MARKERS)},
     )
-    kwargs.update(cfg.extra)  # recipe fields beat our defaults
+    extra = dict(cfg.extra)
+    # the recipe's generation_kwargs add to the turn-marker stop instead of silently dropping it
+    stop = {"stop": list(STOP_MARKERS)} if cfg.use_vllm else {"stop_strings": list(STOP_MARKERS)}
+    kwargs["generation_kwargs"] = {**stop, **(extra.pop("generation_kwargs", None) or {})}
+    kwargs.update(extra)  # recipe fields beat our defaults
+    if kwargs.get("mask_truncated_completions"):
+        raise ValueError(
+            "mask_truncated_completions: TRL counts a completion as finished only when it ends in EOS or pad, "
+            "so it would drop every answer that ended at a turn marker from the loss"
+        )
     return GRPOConfig(**kwargs)
 
 
-def train_grpo(
-    cfg: GRPOAlignmentConfig,
-    resume: str | None = None,
-    client: Any = None,
-    callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """Run (or resume) GRPO; returns the greedy evaluations, λ's state and the trainer's log history.
+@dataclass
+class GRPORun:
+    """A built (not yet trained) GRPO run: the trainer and the pieces the caller reads afterwards."""
 
-    ``client`` (default: a :class:`ScorerClient` from the recipe) is anything with
-    ``score(prompts, responses)``; ``callbacks`` are added to the trainer's (benchmarks time steps).
-    """
+    trainer: Any
+    link: LagrangeLink
+    evaluation: AlignmentEvalCallback
+    tokenizer: Any
+
+
+def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Sequence[Any] = ()) -> GRPORun:
+    """The GRPO trainer of the recipe, ready to ``train()``; ``client`` and ``callbacks`` as in :func:`train_grpo`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOTrainer
+    from transformers.integrations import TensorBoardCallback
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
+    from alignment.grpo.stopping import TurnMarkerGRPOTrainer, stop_at_turn_markers
+
     if cfg.wandb and cfg.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
     args = grpo_args(cfg)
@@ -111,9 +104,9 @@ def train_grpo(
                               timeout=cfg.scorer_timeout, retries=cfg.scorer_retries)  # fmt: skip
     link = LagrangeLink.create(LagrangeController(cfg.lagrange_config()))
     evals = load_prompts(cfg.eval_jsonl, cfg.prompt_key, TOY_EVAL_PROMPTS, cfg.eval_max_prompts)
-    eval_cb = AlignmentEvalCallback(client, evals, every=cfg.eval_every,
+    eval_cb = AlignmentEvalCallback(client, evals, every=cfg.eval_every, batch_size=cfg.eval_batch_size,
                                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)  # fmt: skip
-    trainer = GRPOTrainer(
+    trainer = TurnMarkerGRPOTrainer(  # completions end where generation stopped (see stopping.py)
         model=model,
         reward_funcs=[ScorerReward(client, link, prompt_key="raw_prompt")],
         args=args,
@@ -122,6 +115,27 @@ def train_grpo(
         callbacks=[LagrangeCallback(link.key), eval_cb, *callbacks],
     )
     eval_cb.bind(trainer)
+    for callback in trainer.callback_handler.callbacks:
+        # TensorBoard into <output_dir>/runs, per trainer: a process-wide TENSORBOARD_LOGGING_DIR would
+        # send a second run in the same process to the first one's folder (one the user set is kept)
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(Path(cfg.output_dir) / "runs")
+    return GRPORun(trainer, link, eval_cb, tokenizer)
+
+
+def train_grpo(
+    cfg: GRPOAlignmentConfig,
+    resume: str | None = None,
+    client: Any = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Run (or resume) GRPO; returns the greedy evaluations, λ's state and the trainer's log history.
+
+    ``client`` (default: a :class:`ScorerClient` from the recipe) is anything with
+    ``score(prompts, responses)``; ``callbacks`` are added to the trainer's (benchmarks time steps).
+    """
+    run = build_trainer(cfg, client, callbacks)
+    trainer = run.trainer
     if resume == "latest":
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -131,10 +145,10 @@ def train_grpo(
     trainer.train(resume_from_checkpoint=resume)
     final = Path(cfg.output_dir) / "final"
     trainer.save_model(str(final))
-    tokenizer.save_pretrained(final)
+    run.tokenizer.save_pretrained(final)
     return {
-        "eval": eval_cb.history,
-        "lambda": link.controller.state_dict(),
+        "eval": run.evaluation.history,
+        "lambda": run.link.controller.state_dict(),
         "log_history": trainer.state.log_history,
         "final_model": str(final),
     }
@@ -142,7 +156,11 @@ def train_grpo(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="λ keys: cost_threshold_d=d gives J_C = mean(C) + d, i.e. the constraint E[C] <= -d\n"
+        "(d = -0.1: E[C] <= 0.1); lambda_rule=ema_log|ppo_lag; episode_cost_window_size,\n"
+        "lambda_update_delay_steps (see alignment/lagrange.py).",
     )
     p.add_argument("--config", help="recipe YAML (alignment/grpo/grpo_alignment.yaml)")
     p.add_argument("--resume", help="checkpoint folder, or 'latest' for the newest in output_dir")

@@ -61,8 +61,12 @@ def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(_float(logits), dim=-1)
     ref_logp = torch.log_softmax(_float(ref_logits), dim=-1)
     p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - ref_logp), torch.zeros_like(p))
-    return terms.sum(dim=-1)
+    # Mask the log-probs *before* the product: with ``where`` on the product alone, an excluded
+    # token's 0·(−inf − x) is NaN in the backward pass even though its value is discarded.
+    allowed = p > 0
+    logp = torch.where(allowed, logp, torch.zeros_like(logp))
+    ref_logp = torch.where(allowed, ref_logp, torch.zeros_like(ref_logp))
+    return (p * (logp - ref_logp)).sum(dim=-1)
 
 
 def per_token_kl(
