@@ -53,15 +53,6 @@ class Rollout:
     fill_accuracy: float  # share of masked characters equal to the original, over all fills
 
 
-def _finite(logits: torch.Tensor) -> torch.Tensor:
-    """−inf (outside a support) as a finite stand-in whose probability still underflows to exactly 0.
-
-    ``alignment.pg.exact_kl`` has the right value with −inf logits but a NaN gradient (0·∞ in the
-    backward of p·(log p − log ref) where p = 0); with this stand-in value and gradient are exact.
-    """
-    return logits.clamp(min=-1e30)
-
-
 def rescore(policy: nn.Module, ro: Rollout, cfg: GRPOConfig, banned: tuple[int, ...]) -> torch.Tensor:
     """A later inner epoch: one new policy forward, restricted to the support that was sampled
     from -> logits [N, V] with grad."""
@@ -105,9 +96,7 @@ def grpo_loss(dist: torch.Tensor, ro: Rollout, cfg: GRPOConfig) -> tuple[torch.T
     b, k, t = ro.filled.shape
     logp = fill_logprobs(dist, ro.draws)  # [k, N]
     if cfg.kl_estimator == "exact":
-        kl = (
-            exact_kl(_finite(dist), _finite(ro.ref_logits)).unsqueeze(0).expand(k, -1)
-        )  # the same at every draw
+        kl = exact_kl(dist, ro.ref_logits).unsqueeze(0).expand(k, -1)  # the same at every draw
     else:
         ref_logp = fill_logprobs(ro.ref_logits, ro.draws)
         kl = per_token_kl(cfg.kl_estimator, logp=logp, ref_logp=ref_logp)
