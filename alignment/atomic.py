@@ -35,6 +35,19 @@ def write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
     return path
 
 
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a fsynced hidden sibling and a rename (e.g. a serialised
+    checkpoint: ``torch.save`` into a ``BytesIO`` first)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Swap the finished folder ``tmp`` into ``final``; a crash leaves either the old or the new one whole.
 

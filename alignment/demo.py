@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.char_diffusion.demo import run_char_diffusion_demo
 from alignment.config import load_config
 from alignment.es.config import ESConfig
 from alignment.es.train_es_alignment import run_es
@@ -149,7 +150,8 @@ def run_demo(
         f"TensorBoard: tensorboard --logdir {logs_dir}   (then open http://localhost:6006)",
     ])  # fmt: skip
     persona = "\n".join(persona_demo(models_dir, logs_dir))  # LAPDOG-style persona dialogue: SFT, then GRPO
-    return "\n\n".join([table, es_table, grpo_table, quadrants, persona, where])
+    diffusion = run_char_diffusion_demo(models_dir.parent / "char_diffusion", logs_dir / "char_diffusion")
+    return "\n\n".join([table, es_table, grpo_table, quadrants, persona, "\n".join(diffusion), where])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,6 +83,15 @@ def scorer_factory(toy_models: Path, tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def char_diffusion_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The tiny synthetic character-diffusion pipeline, built once: paths of its text, prepared data,
+    generator checkpoint and judge checkpoint (alignment.char_diffusion.build.TINY, a few seconds)."""
+    from alignment.char_diffusion.build import TINY, build
+
+    return build(tmp_path_factory.mktemp("char-diffusion"), TINY)
+
+
+@pytest.fixture(scope="session")
 def persona_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny T5 reader, BERT retriever and synthetic persona task (alignment.persona.toy)."""
     from alignment.persona.toy import build_persona_toy

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignment.atomic import replace_dir, replace_symlink, write_text
+from alignment.atomic import replace_dir, replace_symlink, write_bytes, write_text
 
 
 def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -26,6 +26,14 @@ def test_replace_dir_swaps_in_the_new_folder_and_drops_the_old(tmp_path):
     (staging / "weights").write_text("v3")
     replace_dir(staging, tmp_path / "other")
     assert (tmp_path / "other" / "weights").read_text() == "v3"
+
+
+def test_write_bytes_replaces_whole_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    assert write_bytes(target, b"\x00new\xff") == target
+    assert target.read_bytes() == b"\x00new\xff"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def test_replace_symlink_repoints_a_relative_link_and_leaves_no_temporary(tmp_path):

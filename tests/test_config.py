@@ -70,6 +70,16 @@ def test_wrong_types_are_errors(override, fragment):
         load_config(Recipe, None, [override])
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-6 as the string "5e-6"; users type --learning_rate=5e-6
+    cfg = load_config(Recipe, write(tmp_path, "lambda_lr: 1e-5\n"), ["scorer.timeout=2E+1"])
+    assert cfg.lambda_lr == 1e-5 and cfg.scorer.timeout == 20.0
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(Recipe, None, ["lambda_lr=1e-5x"])
+    with pytest.raises(ConfigError, match="expected a string"):
+        load_config(Recipe, None, ["model_name=[1e-5]"])
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["max_steps"])

@@ -46,6 +46,7 @@ def test_scripts_found() -> None:
         "slurm/train_accl_alignment_api.sh",
         "slurm/submit_alignment.sh",
         "alignment/grpo/run_grpo_alignment.sh",
+        "slurm/train_char_diffusion.sh",
         "slurm/train_persona.sh",
     } <= names
 
@@ -194,6 +195,20 @@ def test_submit_without_sbatch(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "sbatch" in proc.stderr
+
+
+def test_char_diffusion_script(char_diffusion_models, tmp_path: Path) -> None:
+    m = char_diffusion_models
+    env = _env(tmp_path, STAGE="grpo", NPROC="1", EXTRA_ARGS="--max_iters 1 --eval_interval 100")
+    flags = ["--dataset", m["data"], "--generator_checkpoint", m["generator"], "--judge_checkpoint", m["judge"],
+             "--out_dir", str(tmp_path / "grpo"), "--batch_size", "2", "--gradient_accumulation_steps", "1",
+             "--group_size=4", "--eval_iters", "1", "--eval_batch_size", "2"]  # fmt: skip
+    proc = _run(["bash", "slurm/train_char_diffusion.sh", *flags], env)
+    assert "stage=grpo processes=1 config=alignment/char_diffusion/grpo.yaml" in proc.stderr
+    assert "torch.distributed.run" in proc.stderr and (tmp_path / "grpo" / "ckpt.pt").is_file()
+    bad = subprocess.run(["bash", "slurm/train_char_diffusion.sh"], cwd=REPO, env=_env(tmp_path, STAGE="rlhf"),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "STAGE must be pretrain, judge or grpo" in bad.stderr
 
 
 def test_train_persona_script(persona_toy: Path, tmp_path: Path) -> None:

@@ -1,0 +1,229 @@
+"""GRPO fill-in: fine-tune the generator against the frozen judge.
+
+    python -m alignment.char_diffusion.train_grpo --config alignment/char_diffusion/grpo.yaml \\
+        [--group_size=16 --kl_beta=0.2 --learning_rate=5e-6] [--resume]
+    torchrun --nproc_per_node 4 -m alignment.char_diffusion.train_grpo --config ...
+
+Per iteration and micro-batch: ``batch_size`` line-aligned blocks masked with ``[MASK]``; one policy
+forward per input and ``group_size`` fills sampled from it; judge rewards (1 − predicted corrupted
+fraction); group advantages; the loss of :mod:`.grpo`; AdamW, warmup + cosine LR, clipping,
+``gradient_accumulation_steps`` micro-batches per step (DDP averages over ranks). The reference is
+the frozen ``generator_checkpoint``. Metrics (the seed's names, plus ``lr``, ``zero_spread_fraction``
+and ``fill_accuracy``, the share of masked characters filled with the original one) go to
+TensorBoard and ``metrics.jsonl`` in ``out_dir`` (W&B with ``--wandb_log``); ``eval/mean_reward`` and
+``eval/fill_accuracy`` on fixed held-out blocks every ``eval_interval``; readable samples to
+``out_dir/samples.log`` every ``sample_interval``; ``out_dir/ckpt.pt`` every ``save_interval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from alignment.char_diffusion import runtime as rt_
+from alignment.char_diffusion.checkpoint import CKPT_NAME, fingerprint, load_model, save_checkpoint
+from alignment.char_diffusion.config import GRPOConfig
+from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
+from alignment.char_diffusion.grpo import Rollout, grpo_loss, rescore, rollout
+from alignment.char_diffusion.judge import judge_rewards
+from alignment.char_diffusion.loop import open_tracker, resume_state
+from alignment.char_diffusion.masking import masked_blocks
+from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
+from alignment.config import ConfigError, add_dataclass_args, config_from_args, config_to_dict
+
+logger = logging.getLogger("alignment.char_diffusion.train_grpo")
+
+SAMPLES_FILE = "samples.log"
+
+
+def load_models(cfg: GRPOConfig, data: CharData) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(policy, frozen reference, frozen judge), checked against each other and the data."""
+    policy, gen_vocab, _ = load_model(cfg.generator_checkpoint, "generator", "generator_checkpoint")
+    judge, judge_vocab, _ = load_model(cfg.judge_checkpoint, "judge", "judge_checkpoint")
+    check_same_vocab(gen_vocab, cfg.generator_checkpoint, data.vocab, str(data.meta_path))
+    check_same_vocab(judge_vocab, cfg.judge_checkpoint, data.vocab, str(data.meta_path))
+    data.check_block_size(policy.args.block_size, cfg.generator_checkpoint)
+    data.check_block_size(judge.args.block_size, cfg.judge_checkpoint)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    judge.eval().requires_grad_(False)
+    policy.eval()  # no dropout: the distribution that is sampled is the one that is scored
+    return policy, reference, judge
+
+
+@torch.no_grad()
+def evaluate(
+    policy: nn.Module, judge: nn.Module, data: CharData, cfg: GRPOConfig, rt: rt_.Runtime
+) -> dict[str, float]:
+    """Mean judge reward and ground-truth fill accuracy of ``group_size`` fills on fixed held-out blocks."""
+    rewards, correct, total = [], 0.0, 0
+    for i in range(cfg.eval_iters):
+        tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(
+            data, "val", cfg.eval_batch_size, cfg, rt_.slot_generator(cfg.seed, -1, i, "eval")))  # fmt: skip
+        with rt.autocast():
+            dist, _ = fill_distribution(
+                policy(inp).float(), mask, cfg.temperature, cfg.top_p, data.vocab.special_ids
+            )
+            draws = draw_fills(
+                dist, cfg.group_size, rt_.slot_generator(cfg.seed, -1, i, "eval-fills", rt.device)
+            )
+            filled = place_fills(inp, mask, draws)
+            rewards.append(judge_rewards(judge, filled.flatten(0, 1)))
+        correct += float((draws == tokens[mask].unsqueeze(0)).sum())
+        total += draws.numel()
+    return {"mean_reward": float(torch.cat(rewards).mean()), "fill_accuracy": correct / total}
+
+
+def format_samples(vocab: Vocab, ro: Rollout, iteration: int, row: int = 0) -> str:
+    """The masked input, the original and the k fills of one input, best reward first."""
+    mask = ro.mask[row]
+    lines = [f"iteration {iteration}", f"original  {vocab.decode(ro.tokens[row], readable=True)}",
+             f"masked    {vocab.decode(ro.inp[row], readable=True)}"]  # fmt: skip
+    order = ro.rewards[row].argsort(descending=True).tolist()
+    for j in order:
+        fill = ro.filled[row, j]
+        right = int((fill[mask] == ro.tokens[row][mask]).sum())
+        lines.append(
+            f"r={float(ro.rewards[row, j]):.3f} {right:3d}/{int(mask.sum())}  {vocab.decode(fill, readable=True)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_samples(cfg: GRPOConfig, tracker: Any, text: str, step: int) -> None:
+    with open(Path(cfg.out_dir) / SAMPLES_FILE, "a", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    tracker.log_text("samples", f"```\n{text}```", step=step)
+
+
+def train_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) GRPO; returns the held-out evaluations ``[(iteration, {...})]`` (rank 0), the
+    last metrics, the checkpoint path, the trained policy module and the class it ran wrapped in
+    (``DistributedDataParallel`` under torchrun)."""
+    data = CharData(cfg.dataset)
+    policy, reference, judge = load_models(cfg, data)
+    rt = rt_.setup_runtime(cfg)
+    try:
+        return _train(cfg, rt, data, policy, reference, judge, resume)
+    finally:
+        rt.close()
+
+
+def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, reference: nn.Module,
+           judge: nn.Module, resume: bool) -> dict[str, Any]:  # fmt: skip
+    for m in (policy, reference, judge):
+        m.to(rt.device)
+    banned = data.vocab.special_ids
+    optimizer = rt_.build_optimizer(policy, cfg)
+    scheduler = rt_.build_scheduler(optimizer, cfg)
+    ckpt_path = Path(cfg.out_dir) / CKPT_NAME
+    frozen = {"reference_fingerprint": fingerprint(reference), "judge_fingerprint": fingerprint(judge),
+              "generator_checkpoint": cfg.generator_checkpoint, "judge_checkpoint": cfg.judge_checkpoint}  # fmt: skip
+    start = 0
+    if resume:
+        ckpt = resume_state(ckpt_path, policy, data.vocab, optimizer, scheduler)
+        for what, source in (("reference", "generator_checkpoint"), ("judge", "judge_checkpoint")):
+            if ckpt["extra"].get(f"{what}_fingerprint") != frozen[f"{what}_fingerprint"]:
+                raise ValueError(f"{ckpt_path}: the {what} model differs from the one this run started with "
+                                 f"({source} {frozen[source]} changed?)")  # fmt: skip
+        start = ckpt["iteration"]
+    ddp = rt_.wrap_ddp(policy, rt)
+    tracker = open_tracker(cfg, rt)
+    evals: list[tuple[int, dict[str, float]]] = []
+    last: dict[str, float] = {}
+    accum = cfg.gradient_accumulation_steps
+
+    def run_eval(step: int) -> None:
+        ev = evaluate(policy, judge, data, cfg, rt)
+        evals.append((step, ev))
+        tracker.log({f"eval/{k}": v for k, v in ev.items()}, step=step)
+        logger.info(
+            "iteration %d held-out: reward %.4f, fill accuracy %.4f",
+            step,
+            ev["mean_reward"],
+            ev["fill_accuracy"],
+        )
+
+    try:
+        if start == 0 and rt.is_main:
+            run_eval(0)
+        for it in tqdm(range(start, cfg.max_iters), desc="grpo", disable=not rt.is_main, initial=start,
+                       total=cfg.max_iters):  # fmt: skip
+            sums: dict[str, float] = {}
+            rollouts: list[Rollout] = []
+            for _, slot, is_last in rt_.slots(rt, accum):
+                tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(
+                    data, "train", cfg.batch_size, cfg, rt_.slot_generator(cfg.seed, it, slot, "data")))  # fmt: skip
+                with rt_.micro_sync(ddp, is_last):
+                    with rt.autocast():
+                        ro, dist = rollout(ddp, reference, judge, tokens, inp, mask, cfg, banned,
+                                           rt_.slot_generator(cfg.seed, it, slot, "fills", rt.device))  # fmt: skip
+                    loss, metrics = grpo_loss(dist, ro, cfg)
+                    (loss / accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
+                rollouts.append(ro)
+            lr = optimizer.param_groups[0]["lr"]
+            sums["grad_norm"] = rt_.optimizer_step(policy, optimizer, None, cfg.grad_clip)
+            for _ in range(1, cfg.num_inner_epochs):  # later updates on the same fills: ratio ≠ 1, clipped
+                clip = {"clip_fraction": 0.0, "ratio_mean": 0.0}
+                for (_, _, is_last), ro in zip(rt_.slots(rt, accum), rollouts, strict=True):
+                    with rt_.micro_sync(ddp, is_last):
+                        with rt.autocast():
+                            dist = rescore(ddp, ro, cfg, banned)
+                        loss, metrics = grpo_loss(dist, ro, cfg)
+                        (loss / accum).backward()
+                    for k in clip:
+                        clip[k] += metrics[k] / accum
+                rt_.optimizer_step(policy, optimizer, None, cfg.grad_clip)
+                sums.update(clip)
+            scheduler.step()
+            done = it + 1
+            final = done == cfg.max_iters
+            if done % cfg.log_interval == 0 or final:
+                last = {**rt.mean_over_ranks(sums), "lr": lr}
+                if tracker is not None:
+                    tracker.log(last, step=done)
+            if not rt.is_main:
+                continue
+            if cfg.sample_interval and (done % cfg.sample_interval == 0 or final):
+                _write_samples(cfg, tracker, format_samples(data.vocab, rollouts[0], done), done)
+            if done % cfg.eval_interval == 0 or final:
+                run_eval(done)
+            if done % cfg.save_interval == 0 or final:
+                save_checkpoint(ckpt_path, model=policy, vocab=data.vocab, iteration=done, config=config_to_dict(cfg),
+                                optimizer=optimizer, scheduler=scheduler, extra=frozen)  # fmt: skip
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return {"evals": evals, "metrics": last, "checkpoint": str(ckpt_path), "iterations": cfg.max_iters,
+            "policy": policy, "wrapper": type(ddp).__name__}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--config", help="YAML recipe, e.g. alignment/char_diffusion/grpo.yaml (flags override it)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    add_dataclass_args(p, GRPOConfig)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = train_grpo(config_from_args(GRPOConfig, a, a.config), resume=a.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if out["evals"]:
+        (s0, e0), (s1, e1) = out["evals"][0], out["evals"][-1]
+        print(f"held-out judge reward {e0['mean_reward']:.4f} (iteration {s0}) -> {e1['mean_reward']:.4f} "
+              f"(iteration {s1}); fill accuracy {e0['fill_accuracy']:.4f} -> {e1['fill_accuracy']:.4f}")  # fmt: skip
+    print(f"policy: {out['checkpoint']}")
+
+
+if __name__ == "__main__":
+    main()
