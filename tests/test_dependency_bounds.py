@@ -67,16 +67,22 @@ def test_constraints_lowest_pins_exactly_the_declared_lower_bounds() -> None:
     lowest = pins(REPO / "constraints-lowest.txt")
     missing = sorted(set(bounds) - set(lowest))
     extra = sorted(set(lowest) - set(bounds))
-    differ = {n: (str(bounds[n]), str(lowest[n])) for n in set(bounds) & set(lowest) if bounds[n] != lowest[n]}
+    differ = {
+        n: (str(bounds[n]), str(lowest[n])) for n in set(bounds) & set(lowest) if bounds[n] != lowest[n]
+    }
     assert not missing, f"declared in pyproject.toml but not pinned in constraints-lowest.txt: {missing}"
     assert not extra, f"pinned in constraints-lowest.txt but not declared in pyproject.toml: {extra}"
     assert not differ, f"pyproject.toml bound vs constraints-lowest.txt pin: {differ}"
 
 
 def test_tested_versions_lie_inside_the_declared_ranges() -> None:
-    declared = {canonicalize_name(r.name): r.specifier for r in declared_requirements(REPO / "pyproject.toml")}
+    declared = {
+        canonicalize_name(r.name): r.specifier for r in declared_requirements(REPO / "pyproject.toml")
+    }
     tested = pins(REPO / "requirements.txt")
-    outside = {n: (str(v), str(declared[n])) for n, v in tested.items() if n in declared and v not in declared[n]}
+    outside = {
+        n: (str(v), str(declared[n])) for n, v in tested.items() if n in declared and v not in declared[n]
+    }
     assert not outside, f"requirements.txt pins outside pyproject.toml's ranges: {outside}"
 
 
