@@ -67,8 +67,9 @@ fi
 print(f"test_lowest: Python {sys.version.split()[0]}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}, trl {trl.__version__}", file=sys.stderr)'
 
-# The same settings as `make test`; toy models are built by this environment's transformers.
+# The same settings as `make test`; toy models are built by this environment's transformers, and
+# the shell scripts under test (slurm/common.sh) run this interpreter instead of the project's .venv.
 export PYTHONPATH=$root HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled
-export ALIGNMENT_TEST_MODELS=$VENV/toy-test
+export ALIGNMENT_TEST_MODELS=$VENV/toy-test PYTHON=$py
 (($#)) || set -- tests
 exec "$py" -m pytest -p no:cacheprovider --ignore=tests/test_vllm_engine.py "$@"
