@@ -31,6 +31,13 @@ test-main: setup
 test-vllm: setup-vllm
 	$(TEST_ENV) VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py -p no:cacheprovider
 
+# Not part of `make test` (CI): the suite in a throwaway environment holding the lowest versions
+# pyproject.toml allows (constraints-lowest.txt); ~3 GB download, 10-15 min. PYTHON=python3.10 for
+# the oldest supported Python. Never touches $(VENV).
+.PHONY: test-lowest
+test-lowest:
+	bash scripts/test_lowest.sh
+
 lint: setup
 	$(PY) -m ruff check alignment tests bench
 	$(PY) -m ruff format --check alignment tests bench
