@@ -70,7 +70,11 @@ class JudgeServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        # log_config=None: uvicorn's dictConfig would shut down every existing logging handler, and
+        # absl's (imported with rouge-score) then closes the stream it was created with: pytest's
+        # capture file, which crashes the whole test session.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )
