@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from alignment.es.engines import GenerationSettings
 from alignment.es.lowrank import NoiseSpec
@@ -16,6 +16,9 @@ def _help(text: str) -> dict:
 
 @dataclass
 class ESConfig(LagrangeRecipe):
+    # the trainer hands λ every episode's cost (population order), so an episode window works
+    passes_episode_costs: ClassVar[bool] = True
+
     # policy and engines
     policy_model_path: str = field(default="models/toy/policy", metadata=_help("HF folder or hub name of θ₀"))
     backend: Literal["transformers", "vllm"] = "transformers"

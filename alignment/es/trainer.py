@@ -4,7 +4,8 @@ Per iteration: sample a prompt batch; draw the population (seeds); each member's
 answers the batch on some engine while earlier members are being scored (each distinct
 (prompt, response) pair once); fitness fᵢ = R̄ᵢ − λ·C̄ᵢ; zᵢ = shaped fitness;
 θ ← θ + α/N Σ zᵢ·signᵢ·εᵢ on every engine from the seeds alone, into the exact weights; λ from the
-shared controller. The replay log entry written after the update commits the iteration.
+shared controller, fed every episode's cost of the iteration (member by member, prompt by prompt).
+The replay log entry written after the update commits the iteration.
 
 ``noise: full`` perturbs every parameter, member by member; ``noise: lowrank`` (EGGROLL) perturbs
 the projection matrices by rank-r adapters and evaluates the population in batched calls
@@ -167,14 +168,14 @@ class ESTrainer:
             seeds, coefs, scale = update_terms(members, z, cfg.alpha)
             if cfg.lambda_cost_source == "unperturbed":  # θ itself on the batch (one more generation)
                 answers = self.executor.generate(prompts, settings)
-                mean_cost = float(np.mean(cache.submit(prompts, answers).result().costs))
-            else:
-                mean_cost = float(np.mean(c_bar))
+                episode_costs = list(cache.submit(prompts, answers).result().costs)
+            else:  # every member's every episode, in member order: the same on every executor
+                episode_costs = [c for s in scores for c in s.costs]
         # nothing below may fail on the scorer: the update and the replay entry commit together
         t_up = time.perf_counter()
         metrics.update(self.executor.apply_update(seeds, coefs, scale, self.noise))
         metrics["time/update"] = time.perf_counter() - t_up
-        self.lagrange.update(mean_cost)
+        self.lagrange.update_costs(episode_costs)  # an episode_cost_window_size window spans iterations
         self.replay.append(ReplayEntry(iteration, seeds, coefs, scale, self.lagrange.state_dict(),
                                        noise=self.noise.id, master_dtype=cfg.master_dtype))  # fmt: skip
         metrics["time/sync"] = self.maybe_sync(iteration)
@@ -189,7 +190,8 @@ class ESTrainer:
             "train/fitness_mean": float(f.mean()), "train/fitness_std": float(f.std()),
             "train/fitness_max": float(f.max()), "train/fitness_min": float(f.min()),
             "lambda/value": stats["lambda"], "lambda/used": lam, "lambda/jc": stats["jc"],
-            "lambda/jc_ema": stats["jc_ema"], "lambda/mean_cost": mean_cost,
+            "lambda/jc_ema": stats["jc_ema"], "lambda/mean_cost": stats["mean_cost"],
+            "lambda/window_cost": stats["window_cost"],
             "sync/weight_bytes_sent": float(self.weight_bytes_sent),
         })  # fmt: skip
         self.weight_bytes_sent = 0
