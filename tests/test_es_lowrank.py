@@ -22,6 +22,7 @@ from alignment.es.lowrank import (
     LowRankDirection,
     NoiseSpec,
     dense_perturbation,
+    factor_table,
     factors,
     target_names,
 )
@@ -86,6 +87,15 @@ def test_factors_are_independent_standard_normals() -> None:
     for other in (b[:256], a2, a3):  # other stream, seed, name: uncorrelated (|r| < 5/sqrt(n))
         assert abs(torch.corrcoef(torch.stack([a.flatten(), other.flatten()]))[0, 1]) < 5 / math.sqrt(1024)
     assert abs(float(a.mean())) < 0.2 and abs(float(a.std()) - 1) < 0.1
+    # drawn many at a time (in calls of at most max_elements), the factors keep their bits
+    shapes = {
+        "model.layers.0.mlp.down_proj.weight": (256, 512),
+        "model.layers.0.self_attn.q_proj.weight": (64, 32),
+    }
+    table = factor_table([7, 8], shapes, 4, "cpu", max_elements=1500)
+    for (seed, name), (ta, tb) in table.items():
+        fa, fb = factors(seed, name, shapes[name], 4, "cpu")
+        assert torch.equal(ta, fa) and torch.equal(tb, fb)
 
 
 def test_update_direction_is_slice_invariant_and_the_low_rank_sum() -> None:

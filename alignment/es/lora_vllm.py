@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from alignment.es.lowrank import TARGET_MODULES, adapter_factors, is_target, vllm_lora_rank
+from alignment.es.lowrank import TARGET_MODULES, adapter_pair, factor_table, is_target, vllm_lora_rank
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ def build_lora_model(lora_id: int, path: str, views: Mapping[str, torch.Tensor],
     seed, sign, sigma, rank = parse_adapter_path(path)
     lora_config = manager.lora_config
     dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else None
+    targets = {name: view for name, view in views.items() if is_target(name, tuple(view.shape))}
+    device = next(iter(targets.values())).device  # the worker's device: a GPU draws its own factors
+    table = factor_table([seed], {name: tuple(view.shape) for name, view in targets.items()}, rank, device)
     tensors: dict[str, torch.Tensor] = {}
-    for name, view in views.items():
-        if not is_target(name, tuple(view.shape)):
-            continue
-        lora_a, lora_b = adapter_factors(seed, sign, sigma, name, tuple(view.shape), rank, view.device,
-                                         dtype or view.dtype)  # fmt: skip
+    for name, view in targets.items():
+        lora_a, lora_b = adapter_pair(*table[(seed, name)], sign, sigma, rank, dtype or view.dtype)
         module = name.removesuffix(".weight")
         tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a.to("cpu")
         tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b.to("cpu")

@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from alignment.es.noise import NOISE_ID, NoiseMismatchError, f32, gaussian
+from alignment.es.noise import NOISE_ID, NoiseMismatchError, f32, gaussian, noise_key, normal_segments
 
 NoiseMode = Literal["full", "lowrank"]
 LOWRANK_VERSION = 1
@@ -124,6 +124,43 @@ def factors(
     return a, b
 
 
+def factor_table(
+    seeds: Sequence[int],
+    shapes: Mapping[str, Sequence[int]],
+    rank: int,
+    device: torch.device | str,
+    max_elements: int = 1 << 22,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`factors` of every (seed, name) pair, drawn in as few generator calls as fit
+    ``max_elements`` each (every element is keyed by itself, so the values are those of
+    :func:`factors`); a small model's whole population is one call instead of thousands."""
+    wanted = [(seed, name, stream, shape[0] if stream == "A" else shape[1])
+              for seed in seeds for name, shape in shapes.items() for stream in ("A", "B")]  # fmt: skip
+    drawn: dict[tuple[int, str, str], torch.Tensor] = {}
+    start = 0
+    while start < len(wanted):
+        end, size = start, 0
+        while end < len(wanted) and (end == start or size + wanted[end][3] * rank <= max_elements):
+            size += wanted[end][3] * rank
+            end += 1
+        batch = wanted[start:end]
+        flat = normal_segments([(noise_key(s, n, st), 0, rows * rank) for s, n, st, rows in batch], device)
+        for (s, n, st, rows), part in zip(
+            batch, flat.split([rows * rank for *_, rows in batch]), strict=True
+        ):
+            drawn[(s, n, st)] = part.view(rows, rank)
+        start = end
+    return {(s, n): (drawn[(s, n, "A")], drawn[(s, n, "B")]) for s in seeds for n in shapes}
+
+
+def adapter_pair(
+    a: torch.Tensor, b: torch.Tensor, sign: float, sigma: float, rank: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_a, lora_b) of :func:`adapter_factors` from the member's factors (A, B)."""
+    lora_b = a * f32(sign * sigma / math.sqrt(rank))
+    return b.t().contiguous().to(dtype), lora_b.to(dtype)
+
+
 def adapter_factors(
     member_seed: int,
     sign: float,
@@ -137,9 +174,7 @@ def adapter_factors(
     """The LoRA pair of a member in vLLM's layout: ``lora_a`` = Bᵀ (r, in), ``lora_b`` =
     fp32(sign·σ/√r)·A (out, r), so that x·lora_aᵀ·lora_bᵀ = sign·σ·(x·B)·Aᵀ/√r; cast to ``dtype``
     (one rounding, the same on both backends)."""
-    a, b = factors(member_seed, name, shape, rank, device)
-    lora_b = a * f32(sign * sigma / math.sqrt(rank))
-    return b.t().contiguous().to(dtype), lora_b.to(dtype)
+    return adapter_pair(*factors(member_seed, name, shape, rank, device), sign, sigma, rank, dtype)
 
 
 class LowRankDirection:
@@ -169,9 +204,12 @@ class LowRankDirection:
 
     def _terms_of(self, name: str, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if name != self._name:
+            table = factor_table(
+                [seed for seed, _ in self.terms], {name: self.shapes[name]}, self.rank, device
+            )
             scaled = []
             for seed, coef in self.terms:
-                a, b = factors(seed, name, self.shapes[name], self.rank, device)
+                a, b = table[(seed, name)]
                 scaled.append((a * f32(coef / math.sqrt(self.rank)), b))
             self._name, self._factors = name, scaled
         return self._factors

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from alignment.conversation import generate_answers
-from alignment.es.lowrank import adapter_factors
+from alignment.es.lowrank import adapter_pair, factor_table
 
 Member = tuple[int, float]
 OnMember = Callable[[int, list[str]], None]
@@ -52,10 +52,13 @@ class MemberAdapters:
     def use(self, members: Sequence[Member], sigma: float, rank: int) -> Iterator[None]:
         """Within the block, rows [k·n/g, (k+1)·n/g) of every batch are member k's (g members)."""
         active = {}
+        weights = {name: module.weight for name, module in self._modules.items()}
+        device = next(iter(weights.values())).device
+        table = factor_table([seed for seed, _ in members], {n: tuple(w.shape) for n, w in weights.items()},
+                             rank, device)  # fmt: skip
         for name, module in self._modules.items():
-            weight = module.weight
-            pairs = [adapter_factors(seed, sign, sigma, name, tuple(weight.shape), rank, weight.device, weight.dtype)
-                     for seed, sign in members]  # fmt: skip
+            dtype = weights[name].dtype
+            pairs = [adapter_pair(*table[(seed, name)], sign, sigma, rank, dtype) for seed, sign in members]
             a_t = torch.stack([a.t() for a, _ in pairs])
             b_t = torch.stack([b.t() for _, b in pairs])
             active[module] = (a_t, b_t)
