@@ -2,6 +2,8 @@
 
     python bench/es_iteration.py                    # toy policy on CPU (a few minutes on 2 cores)
     python bench/es_iteration.py --model-shape 1b --device cuda --dtype bf16   # on a GPU
+    python bench/es_iteration.py --noise lowrank                 # low-rank ES vs pure generate (transformers)
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python bench/es_iteration.py --noise lowrank --backend vllm
 
 Builds (or reuses) the toy models, starts the real scorer on the toy reward/cost models, runs ES
 (``run_es``) with the toy recipe's hyper-parameters (population 16, batch 16, 24 new tokens,
