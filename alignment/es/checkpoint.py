@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from alignment.atomic import replace_dir, write_text
 from alignment.data import repair_jsonl_tail
-from alignment.es.noise import NOISE_ID, require_noise
+from alignment.es.lowrank import NoiseSpec
+from alignment.es.noise import NOISE_ID, NoiseMismatchError, require_noise
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ReplayEntry:
     coefficients: list[float]
     scale: float
     lagrange: dict[str, Any]
-    noise: str = LEGACY_NOISE  # alignment.es.noise.NOISE_ID of the run that wrote it
+    noise: str = LEGACY_NOISE  # NoiseSpec.id of the run that wrote it (full: noise.NOISE_ID)
     master_dtype: str = "model"
 
 
@@ -96,12 +97,17 @@ class ReplayLog:
 
 
 def check_numerics(
-    entries: Iterable[ReplayEntry], trainer_state: dict[str, Any] | None, master_dtype: str, where: str
+    entries: Iterable[ReplayEntry],
+    trainer_state: dict[str, Any] | None,
+    master_dtype: str,
+    where: str,
+    noise_id: str = NOISE_ID,
 ) -> None:
     """Refuse to resume or replay updates that this run would compute differently.
 
-    ``entries`` and ``trainer_state`` (of ``latest_hf``) must record this code's noise
-    (``NOISE_ID``) and ``master_dtype``; ``where`` names the run directory in the error.
+    ``entries`` and ``trainer_state`` (of ``latest_hf``) must record this run's noise ``noise_id``
+    (:attr:`NoiseSpec.id`: the noise implementation, full or low rank, and the rank) and
+    ``master_dtype``; ``where`` names the run directory in the error.
     """
     found: dict[str, str] = {}
     dtypes: dict[str, str] = {}
@@ -111,7 +117,19 @@ def check_numerics(
     if trainer_state is not None:
         found[f"{where}/model_saves/{LATEST}"] = trainer_state.get("noise", LEGACY_NOISE)
         dtypes[f"{where}/model_saves/{LATEST}"] = trainer_state.get("master_dtype", "model")
-    require_noise(found, NOISE_ID)
+    other = {k: v for k, v in found.items() if v != noise_id}
+    if other:
+        first, nid = next(iter(other.items()))
+        try:
+            written = NoiseSpec.from_id(nid)
+        except NoiseMismatchError:
+            written = None
+        if written is not None:  # this code draws it: the run was started in another mode or rank
+            raise NoiseMismatchError(
+                f"{first} was written with ES noise {nid!r} but this run draws {noise_id!r}: a resume "
+                f"in another noise mode or rank would continue another algorithm. Resume with {written.flags()}"
+            )
+    require_noise(found, noise_id)
     wrong = {k: v for k, v in dtypes.items() if v != master_dtype}
     if wrong:
         first = next(iter(wrong.items()))
@@ -122,10 +140,11 @@ def check_numerics(
 
 
 def replay_updates(engine: Any, entries: Iterable[ReplayEntry]) -> int:
-    """Apply logged updates to an engine in order; returns the last iteration applied (-1 if none)."""
+    """Apply logged updates to an engine (or executor) in order, each with the noise its entry
+    records; returns the last iteration applied (-1 if none)."""
     last = -1
     for entry in entries:
-        engine.apply_update(entry.seeds, entry.coefficients, entry.scale)
+        engine.apply_update(entry.seeds, entry.coefficients, entry.scale, NoiseSpec.from_id(entry.noise))
         last = entry.iteration
     return last
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from alignment.es.engines import GenerationSettings
+from alignment.es.lowrank import NoiseSpec
 from alignment.lagrange import LagrangeRecipe
 
 
@@ -15,6 +16,9 @@ def _help(text: str) -> dict:
 
 @dataclass
 class ESConfig(LagrangeRecipe):
+    # the trainer hands λ every episode's cost (population order), so an episode window works
+    passes_episode_costs: ClassVar[bool] = True
+
     # policy and engines
     policy_model_path: str = field(default="models/toy/policy", metadata=_help("HF folder or hub name of θ₀"))
     backend: Literal["transformers", "vllm"] = "transformers"
@@ -42,6 +46,16 @@ class ESConfig(LagrangeRecipe):
     num_iterations: int = 500
     batch_size: int = field(default=64, metadata=_help("prompts per iteration"))
     fitness_shaping: Literal["zscore", "rank", "none"] = "zscore"
+    noise: Literal["full", "lowrank"] = field(
+        default="full",
+        metadata=_help("full: every parameter gets N(0, I) noise, member by member; lowrank: EGGROLL "
+                       "rank-r noise on the q/k/v/o/gate/up/down matrices, the population in one "
+                       "batched call (README, ES training)"),
+    )  # fmt: skip
+    noise_rank: int = field(default=4, metadata=_help("r of noise: lowrank (E = A·Bᵀ/√r)"))
+    max_loras: int = field(
+        default=0, metadata=_help("vLLM adapters per batch step with noise: lowrank (0: members per engine)")
+    )
     antithetic: bool = False
     seed: int = 0
     # adaptive λ: the lambda_* fields come from LagrangeRecipe (alignment/lagrange.py)
@@ -87,6 +101,16 @@ class ESConfig(LagrangeRecipe):
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         if self.antithetic and self.population_size % 2:
             raise ValueError(f"antithetic needs an even population_size, got {self.population_size}")
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras must be >= 0 (0: members per engine), got {self.max_loras}")
+        self.noise_spec()  # a bad noise / noise_rank fails here, naming the field
+
+    def noise_spec(self) -> NoiseSpec:
+        return NoiseSpec(self.noise, self.noise_rank)
+
+    def members_per_engine(self) -> int:
+        """Low-rank mode splits the population into one contiguous share per engine."""
+        return -(-self.population_size // self.num_engines)
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(

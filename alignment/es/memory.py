@@ -19,6 +19,7 @@ from typing import Literal
 
 GiB = 1024**3
 KeepOn = Literal["gpu", "cpu"]
+LORA_SLOT_SHARE = 0.05  # low-rank ES: at most this share of the card for vLLM's adapter slots
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,28 @@ def count_parameters(model_path: str) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
+
+
+def lora_bytes_per_member(model_path: str, rank: int, dtype_bytes: int = 2) -> int:
+    """Bytes of one low-rank member's adapter as vLLM stores it: for every target matrix (out × in)
+    a (slot rank × in) and an (out × slot rank) factor, the slot rank being ``rank`` rounded up to
+    a rank vLLM accepts (:func:`alignment.es.lowrank.vllm_lora_rank`; 4 → 8). From the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignment.es.lowrank import is_target, vllm_lora_rank
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    sides = sum(sum(p.shape) for n, p in model.named_parameters() if is_target(n, tuple(p.shape)))
+    return vllm_lora_rank(rank) * sides * dtype_bytes
+
+
+def plan_max_loras(members: int, bytes_per_member: int, budget_bytes: int) -> int:
+    """vLLM's ``max_loras`` (adapters served in one batch step): every member of the engine's share
+    when their slots fit ``budget_bytes``, else as many as fit (at least 1; vLLM then schedules the
+    population in turns within the same batched call)."""
+    if members < 1 or bytes_per_member < 1:
+        raise ValueError(f"need members >= 1 and bytes_per_member >= 1, got {members}, {bytes_per_member}")
+    return max(1, min(members, budget_bytes // bytes_per_member))

@@ -1,6 +1,8 @@
 """The Ray executor: one actor per engine (one GPU each), the same calls as :class:`LocalExecutor`.
 
-Members are handed out one at a time, so no engine idles while others work; only seeds,
+Full noise: members are handed out one at a time, so no engine idles while others work. Low-rank
+noise: each actor answers one contiguous share of the population in batched calls (members as
+adapters), and a share's answers go to the scorer as soon as it returns. Only seeds,
 coefficients, prompts and answers cross the network (weights move only to repair a diverged engine
 or to checkpoint). ``cfg.ray_address`` joins an existing (multi-node) cluster.
 """
@@ -13,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from alignment.es.engines import Engine, GenerationSettings
-from alignment.es.executors import EvalTimings, OnGenerated, run_member
+from alignment.es.executors import EvalTimings, OnGenerated, run_member, run_share, shares
+from alignment.es.lowrank import FULL, NoiseSpec
 from alignment.es.noise import require_noise
 from alignment.es.population import Member
 
@@ -33,6 +36,8 @@ class EngineActor:
         gpu_util: float,
         keep_base_on: str = "gpu",
         master_dtype: str = "fp32",
+        lora_rank: int | None = None,
+        max_loras: int = 1,
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if backend == "vllm":
@@ -41,6 +46,7 @@ class EngineActor:
             self.engine: Engine = VLLMEngine(
                 model_path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_util,
                 keep_base_on=keep_base_on, master_dtype=master_dtype,  # type: ignore[arg-type]
+                lora_rank=lora_rank, max_loras=max_loras,
             )  # fmt: skip
         else:
             from alignment.es.engines import TransformersEngine
@@ -55,11 +61,17 @@ class EngineActor:
     def run_member(self, member: Member, prompts: list[str], sigma: float, settings: GenerationSettings):
         return run_member(self.engine, member, prompts, sigma, settings)
 
+    def run_share(self, members: list[Member], prompts: list[str], sigma: float, settings: GenerationSettings,
+                  rank: int) -> tuple[list[list[str]], float]:  # fmt: skip
+        return run_share(self.engine, members, range(len(members)), prompts, sigma, settings, rank)
+
     def generate(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         return self.engine.generate(prompts, settings)
 
-    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]:
-        return self.engine.apply_update(seeds, coefficients, scale)
+    def apply_update(
+        self, seeds: list[int], coefficients: list[float], scale: float, noise: NoiseSpec = FULL
+    ) -> dict[str, float]:
+        return self.engine.apply_update(seeds, coefficients, scale, noise)
 
     def checksum(self) -> str:
         return self.engine.checksum()
@@ -99,6 +111,8 @@ class RayExecutor:
                 cfg.vllm_gpu_memory_utilization,
                 cfg.keep_base_on,
                 cfg.master_dtype,
+                cfg.noise_rank if cfg.noise == "lowrank" else None,
+                cfg.max_loras or cfg.members_per_engine(),
             )  # fmt: skip
             for _ in range(cfg.num_engines)
         ]
@@ -120,10 +134,27 @@ class RayExecutor:
         sigma: float,
         settings: GenerationSettings,
         on_generated: OnGenerated,
+        noise: NoiseSpec = FULL,
     ) -> EvalTimings:
         ray = self._ray
         timings = EvalTimings.for_engines(self.num_engines)
         prompts_ref = ray.put(prompts)
+        if noise.lowrank:
+            parts = shares(len(members), self.num_engines)
+            refs = {
+                self.actors[k].run_share.remote([members[i] for i in part], prompts_ref, sigma, settings,
+                                                noise.rank): k
+                for k, part in enumerate(parts) if part
+            }  # fmt: skip
+            while refs:
+                [done], _ = ray.wait(list(refs), num_returns=1)
+                k = refs.pop(done)
+                answers, seconds = ray.get(done)
+                timings.generation[k] += seconds
+                timings.members[k] += len(parts[k])
+                for i, responses in zip(parts[k], answers, strict=True):
+                    on_generated(i, responses)
+            return timings
         pending: dict = {}
         next_member = 0
 
@@ -145,8 +176,12 @@ class RayExecutor:
             on_generated(i, responses)
         return timings
 
-    def apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]:
-        return self._ray.get([a.apply_update.remote(seeds, coefficients, scale) for a in self.actors])[0]
+    def apply_update(
+        self, seeds: list[int], coefficients: list[float], scale: float, noise: NoiseSpec = FULL
+    ) -> dict[str, float]:
+        return self._ray.get([a.apply_update.remote(seeds, coefficients, scale, noise) for a in self.actors])[
+            0
+        ]
 
     def checksums(self) -> list[str]:
         return self._ray.get([a.checksum.remote() for a in self.actors])

@@ -3,6 +3,7 @@
     python -m alignment.es.train_es_alignment --policy_model_path models/alpaca-7b --num_engines 4 \\
         --backend vllm --executor ray --population_size 30 --num_iterations 500 --lambda_adapt
     python -m alignment.es.train_es_alignment --config my_es.yaml --sigma 0.002
+    python -m alignment.es.train_es_alignment --config alignment/es/es_toy_lowrank.yaml   # EGGROLL noise
     python -m alignment.es.train_es_alignment --resume logs/es/alignment_20261122_101500
 
 Flags override the YAML file (``--config``), which overrides the defaults in
@@ -45,7 +46,9 @@ def build_executor(cfg: ESConfig):
 
         engines = [VLLMEngine(cfg.policy_model_path, dtype=dtype, seed=cfg.seed,
                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                              keep_base_on=cfg.keep_base_on, master_dtype=cfg.master_dtype)]  # fmt: skip
+                              keep_base_on=cfg.keep_base_on, master_dtype=cfg.master_dtype,
+                              lora_rank=cfg.noise_rank if cfg.noise == "lowrank" else None,
+                              max_loras=cfg.max_loras or cfg.members_per_engine())]  # fmt: skip
         if cfg.num_engines > 1:
             raise ValueError("several vLLM engines need --executor ray (one actor per GPU)")
     else:

@@ -4,7 +4,13 @@ Per iteration: sample a prompt batch; draw the population (seeds); each member's
 answers the batch on some engine while earlier members are being scored (each distinct
 (prompt, response) pair once); fitness fᵢ = R̄ᵢ − λ·C̄ᵢ; zᵢ = shaped fitness;
 θ ← θ + α/N Σ zᵢ·signᵢ·εᵢ on every engine from the seeds alone, into the exact weights; λ from the
-shared controller. The replay log entry written after the update commits the iteration.
+shared controller, fed every episode's cost of the iteration (member by member, prompt by prompt).
+The replay log entry written after the update commits the iteration.
+
+``noise: full`` perturbs every parameter, member by member; ``noise: lowrank`` (EGGROLL) perturbs
+the projection matrices by rank-r adapters and evaluates the population in batched calls
+(:mod:`alignment.es.lowrank`). The noise id of the mode is recorded in the replay log and the
+checkpoints, and a resume in another mode or rank is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from alignment.es.checkpoint import (
 from alignment.es.config import ESConfig
 from alignment.es.diagnostics import population_diagnostics
 from alignment.es.engines import GenerationSettings
-from alignment.es.noise import NOISE_ID
 from alignment.es.population import fitness, population, shape_fitness, update_terms
 from alignment.es.score_cache import PairScoreCache
 from alignment.es.sync import check_engines
@@ -85,6 +90,7 @@ class ESTrainer:
         self.replay = ReplayLog(self.run_dir / "replay.jsonl")
         self.lagrange = LagrangeController(cfg.lagrange_config())
         self.settings = cfg.generation_settings()
+        self.noise = cfg.noise_spec()
         self.start_iteration = 0
         self.weight_bytes_sent = 0
 
@@ -93,7 +99,8 @@ class ESTrainer:
         """Bring engines and λ to the last committed iteration; returns the next iteration."""
         entries = self.replay.read()
         latest = load_latest(self.run_dir)
-        check_numerics(entries, latest[1] if latest else None, self.cfg.master_dtype, str(self.run_dir))
+        check_numerics(entries, latest[1] if latest else None, self.cfg.master_dtype, str(self.run_dir),
+                       self.noise.id)  # fmt: skip
         done = -1
         if latest is not None:
             weights, state = latest
@@ -110,7 +117,7 @@ class ESTrainer:
         return self.start_iteration
 
     def checkpoint(self, iteration: int) -> None:
-        state = {"iteration": iteration, "lagrange": self.lagrange.state_dict(), "noise": NOISE_ID,
+        state = {"iteration": iteration, "lagrange": self.lagrange.state_dict(), "noise": self.noise.id,
                  "master_dtype": self.cfg.master_dtype}  # fmt: skip
         save_latest(self.run_dir, self.executor.state_dict(), self.cfg.policy_model_path, state)
 
@@ -128,7 +135,7 @@ class ESTrainer:
             pending[i] = cache.submit(prompts, answers)
 
         t0 = time.perf_counter()
-        timings = self.executor.evaluate(members, prompts, self.cfg.sigma, settings, on_generated)
+        timings = self.executor.evaluate(members, prompts, self.cfg.sigma, settings, on_generated, self.noise)
         t_gen = time.perf_counter()
         scores = [pending[i].result() for i in range(len(members))]
         t_done = time.perf_counter()
@@ -161,16 +168,16 @@ class ESTrainer:
             seeds, coefs, scale = update_terms(members, z, cfg.alpha)
             if cfg.lambda_cost_source == "unperturbed":  # θ itself on the batch (one more generation)
                 answers = self.executor.generate(prompts, settings)
-                mean_cost = float(np.mean(cache.submit(prompts, answers).result().costs))
-            else:
-                mean_cost = float(np.mean(c_bar))
+                episode_costs = list(cache.submit(prompts, answers).result().costs)
+            else:  # every member's every episode, in member order: the same on every executor
+                episode_costs = [c for s in scores for c in s.costs]
         # nothing below may fail on the scorer: the update and the replay entry commit together
         t_up = time.perf_counter()
-        metrics.update(self.executor.apply_update(seeds, coefs, scale))
+        metrics.update(self.executor.apply_update(seeds, coefs, scale, self.noise))
         metrics["time/update"] = time.perf_counter() - t_up
-        self.lagrange.update(mean_cost)
+        self.lagrange.update_costs(episode_costs)  # an episode_cost_window_size window spans iterations
         self.replay.append(ReplayEntry(iteration, seeds, coefs, scale, self.lagrange.state_dict(),
-                                       noise=NOISE_ID, master_dtype=cfg.master_dtype))  # fmt: skip
+                                       noise=self.noise.id, master_dtype=cfg.master_dtype))  # fmt: skip
         metrics["time/sync"] = self.maybe_sync(iteration)
         rewards = np.concatenate([s.rewards for s in scores])
         costs = np.concatenate([s.costs for s in scores])
@@ -183,7 +190,8 @@ class ESTrainer:
             "train/fitness_mean": float(f.mean()), "train/fitness_std": float(f.std()),
             "train/fitness_max": float(f.max()), "train/fitness_min": float(f.min()),
             "lambda/value": stats["lambda"], "lambda/used": lam, "lambda/jc": stats["jc"],
-            "lambda/jc_ema": stats["jc_ema"], "lambda/mean_cost": mean_cost,
+            "lambda/jc_ema": stats["jc_ema"], "lambda/mean_cost": stats["mean_cost"],
+            "lambda/window_cost": stats["window_cost"],
             "sync/weight_bytes_sent": float(self.weight_bytes_sent),
         })  # fmt: skip
         self.weight_bytes_sent = 0

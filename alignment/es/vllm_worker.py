@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from alignment.es.lora_vllm import install_seed_adapters
+from alignment.es.lowrank import FULL, NoiseSpec, apply_noise_update
 from alignment.es.noise import self_check
 from alignment.es.weights import MasterDtype, PerturbableParams
 
@@ -81,7 +83,9 @@ def hf_views(named_params: Mapping[str, torch.Tensor], config: Any) -> dict[str,
     """
     vocab = int(_cfg(config, "vocab_size"))
     views: dict[str, torch.Tensor] = {}
-    for name, param in named_params.items():
+    for vllm_name, param in named_params.items():
+        # with enable_lora vLLM wraps a layer and its weight moves to `<layer>.base_layer.weight`
+        name = vllm_name.replace(".base_layer.", ".")
         tensor = param.detach()  # same storage; detached so in-place writes need no grad bookkeeping
         if tensor.numel() == 0:
             raise ValueError(
@@ -194,6 +198,8 @@ class ESWorkerExtension:
         config = self.model_config.hf_text_config
         views = hf_views(dict(model.named_parameters()), config)
         self._es_params = PerturbableParams(views, keep_on=keep_base_on, master_dtype=master_dtype)
+        # with enable_lora, low-rank members are adapters built here from their seeds
+        install_seed_adapters(self.model_runner, views)
         logger.info(
             "ES views over %d vLLM parameters → %d HF tensors", len(list(model.parameters())), len(views)
         )
@@ -207,9 +213,13 @@ class ESWorkerExtension:
         """Live weights ← kept θ, bit for bit."""
         self._es_state().restore()
 
-    def es_apply_update(self, seeds: list[int], coefficients: list[float], scale: float) -> dict[str, float]:
-        """master ← master + scale·Σ cᵢ εᵢ (fp32), live ← round(master); returns the update's diagnostics."""
-        return self._es_state().apply_update(seeds, coefficients, scale).metrics()
+    def es_apply_update(
+        self, seeds: list[int], coefficients: list[float], scale: float, rank: int = 0
+    ) -> dict[str, float]:
+        """master ← master + scale·Σ cᵢ εᵢ (fp32; rank > 0: εᵢ = AᵢBᵢᵀ/√rank on the target
+        matrices), live ← round(master); returns the update's diagnostics."""
+        noise = NoiseSpec("lowrank", rank) if rank else FULL
+        return apply_noise_update(self._es_state(), seeds, coefficients, scale, noise).metrics()
 
     def es_checksum(self) -> str:
         """Checksum of the exact weights; equal to the transformers engine's for equal weights."""

@@ -9,6 +9,8 @@ them into the live tensors:
 - ``perturb(seed, σ, sign)``:  live ← round(master + ε·(sign·σ));
 - ``restore()``:               live ← round(master), bit for bit what it was before;
 - ``apply_update(seeds, c, s)``: master ← master + (Σ ε·cᵢ)·s; live ← round(master).
+- ``apply_direction(d, s, names)``: the same with another fp32 direction d for some tensors (the
+  low-rank update of :mod:`alignment.es.lowrank`).
 
 Bytes per parameter beside the live weights: 4 (fp32 master) on ``keep_on`` (the live device, or
 the CPU). ``master_dtype="model"`` keeps the master in the live dtype (2 bytes for bf16; the update
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -30,6 +32,9 @@ import torch
 from alignment.es.noise import add_scaled_, f32, noise_key, normal_indexed, normal_range, segment_index
 
 MasterDtype = Literal["fp32", "model"]
+DirectionFn = Callable[
+    [str, int, int, torch.device], torch.Tensor
+]  # (name, start, end, device) -> fp32 (end-start,)
 CHUNK = 1 << 22  # elements per step: bounds the temporaries (fp32) beside a large embedding
 
 
@@ -235,20 +240,51 @@ class PerturbableParams:
                 add_scaled_(
                     direction, cached[i] if cached is not None else self._noise(i, seed, device), coef
                 )
-            step = direction * f32(scale)
-            old_master = torch.cat([m.to(device, torch.float32) for _, m in views])
-            old_live = torch.cat([v.to(torch.float32) for v, _ in views])
-            off = 0
-            for live, master in views:
-                n = live.numel()
-                master.copy_(old_master[off : off + n] + step[off : off + n])
-                live.copy_(master)
-                off += n
-            new_master = torch.cat([m.to(device, torch.float32) for _, m in views])
-            new_live = torch.cat([v.to(torch.float32) for v, _ in views])
-            stats.add(step, new_live - old_live, new_master - old_master)
+            self._commit(views, direction * f32(scale), device, stats)
         self._cache.clear()  # the next iteration draws other members
         return stats
+
+    @torch.no_grad()
+    def apply_direction(self, direction: DirectionFn, scale: float, names: Collection[str]) -> UpdateStats:
+        """master ← master + direction·scale for the tensors in ``names`` (the others keep their
+        bits); live ← round(master). ``direction(name, start, end, device)`` gives elements
+        start..end-1 of a flattened tensor's fp32 direction (e.g. a low-rank sum,
+        :class:`alignment.es.lowrank.LowRankDirection`); it is asked slice by slice, in block order.
+        """
+        if self.perturbed_by is not None:
+            raise RuntimeError("apply_direction() on perturbed weights; restore() first")
+        unknown = sorted(set(names) - set(self.params))
+        if unknown:
+            raise KeyError(f"no such ES tensors: {unknown[:3]}")
+        stats = UpdateStats()
+        for block in self.blocks:
+            for name, a, b in block:
+                if name in names:
+                    device = self.params[name].device
+                    step = direction(name, a, b, device) * f32(scale)
+                    self._commit(self._views([(name, a, b)]), step, device, stats)
+        self._cache.clear()
+        return stats
+
+    @staticmethod
+    def _commit(
+        views: list[tuple[torch.Tensor, torch.Tensor]],
+        step: torch.Tensor,
+        device: torch.device,
+        stats: UpdateStats,
+    ) -> None:
+        """master ← master + step (fp32, one rounding per element), live ← round(master), slice by slice."""
+        old_master = torch.cat([m.to(device, torch.float32) for _, m in views])
+        old_live = torch.cat([v.to(torch.float32) for v, _ in views])
+        off = 0
+        for live, master in views:
+            n = live.numel()
+            master.copy_(old_master[off : off + n] + step[off : off + n])
+            live.copy_(master)
+            off += n
+        new_master = torch.cat([m.to(device, torch.float32) for _, m in views])
+        new_live = torch.cat([v.to(torch.float32) for v, _ in views])
+        stats.add(step, new_live - old_live, new_master - old_master)
 
     def checksum(self) -> str:
         """Checksum of the exact (master) weights."""
