@@ -29,6 +29,7 @@ from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import Vocab, check_same_vocab
 from alignment.char_diffusion.runtime import Runtime
 from alignment.config import config_to_dict
+from alignment.distributed import mean_over_ranks, micro_sync, wrap
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
     scheduler = rt_.build_scheduler(optimizer, cfg)
     ckpt_path = Path(cfg.out_dir) / CKPT_NAME
     start = resume_state(ckpt_path, model, vocab, optimizer, scheduler)["iteration"] if resume else 0
-    ddp = rt_.wrap_ddp(model, rt)
+    ddp = wrap(model, rt)
     tracker = open_tracker(cfg, rt)
     last: dict[str, float] = {}
     evaluation: dict[str, float] = {}
@@ -85,7 +86,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
             ddp.train()
             sums: dict[str, float] = {}
             for _, slot, is_last in rt_.slots(rt, accum):
-                with rt_.micro_sync(ddp, is_last):
+                with micro_sync(ddp, is_last):
                     with rt.autocast():
                         loss, metrics = micro_loss(ddp, it, slot)
                     (loss / accum).backward()
@@ -96,7 +97,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
             done = it + 1
             final = done == cfg.max_iters
             if done % cfg.log_interval == 0 or final:
-                last = {**rt.mean_over_ranks(sums), "lr": lr}
+                last = {**mean_over_ranks(rt, sums), "lr": lr}
                 if tracker is not None:
                     tracker.log(last, step=done)
             if evaluate is not None and (done % cfg.eval_interval == 0 or final) and rt.is_main:

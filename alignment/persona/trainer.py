@@ -25,10 +25,10 @@ from transformers import AutoTokenizer, get_scheduler
 
 from alignment.atomic import write_text
 from alignment.config import ConfigError
+from alignment.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, wrap
 from alignment.persona import checkpoint as ckpt
 from alignment.persona.config import RESUME_MUTABLE, PersonaConfig
 from alignment.persona.data import load_examples, load_passages
-from alignment.persona.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, wrap
 from alignment.persona.evaluate import evaluate, format_records
 from alignment.persona.hashing import weights_hash
 from alignment.persona.index import load_index, load_or_build_index
