@@ -23,13 +23,13 @@ from alignment.char_diffusion.checkpoint import (
     load_strict,
     read_checkpoint,
     save_checkpoint,
-    set_rng_state,
 )
 from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import Vocab, check_same_vocab
 from alignment.char_diffusion.runtime import Runtime
 from alignment.config import config_to_dict
 from alignment.distributed import mean_over_ranks, micro_sync, wrap
+from alignment.rng import set_rng_state
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def resume_state(path: Path, model: nn.Module, vocab: Vocab, optimizer: torch.op
     load_strict(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], str(path))
     logger.info("resumed %s at iteration %d", path, ckpt["iteration"])
     return ckpt
 
