@@ -47,6 +47,17 @@ def open_tracker(cfg: RunConfig, rt: Runtime) -> Tracker | None:
                    wandb_project=cfg.wandb_project)  # fmt: skip
 
 
+def log_metrics(
+    rt: Runtime, tracker: Tracker | None, sums: dict[str, float], lr: float, step: int
+) -> dict[str, float]:
+    """``sums`` averaged over the ranks, plus ``lr``, logged at ``step`` on rank 0; a collective:
+    every rank calls it at the same steps."""
+    metrics = {**mean_over_ranks(rt, sums), "lr": lr}
+    if tracker is not None:
+        tracker.log(metrics, step=step)
+    return metrics
+
+
 def resume_state(path: Path, model: nn.Module, vocab: Vocab, optimizer: torch.optim.Optimizer,
                  scheduler: Any) -> dict[str, Any]:  # fmt: skip
     """Restore model, optimiser, scheduler and RNG states from ``path``; returns the checkpoint."""
@@ -97,9 +108,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
             done = it + 1
             final = done == cfg.max_iters
             if done % cfg.log_interval == 0 or final:
-                last = {**mean_over_ranks(rt, sums), "lr": lr}
-                if tracker is not None:
-                    tracker.log(last, step=done)
+                last = log_metrics(rt, tracker, sums, lr, done)
             if evaluate is not None and (done % cfg.eval_interval == 0 or final) and rt.is_main:
                 model.eval()
                 evaluation = evaluate(model)

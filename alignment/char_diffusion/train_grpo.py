@@ -33,11 +33,11 @@ from alignment.char_diffusion.config import GRPOConfig
 from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
 from alignment.char_diffusion.grpo import Rollout, grpo_loss, rescore, rollout
 from alignment.char_diffusion.judge import judge_rewards
-from alignment.char_diffusion.loop import open_tracker, resume_state
+from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
 from alignment.config import ConfigError, add_dataclass_args, config_from_args, config_to_dict
-from alignment.distributed import cleanup, mean_over_ranks, micro_sync, wrap
+from alignment.distributed import cleanup, micro_sync, wrap
 
 logger = logging.getLogger("alignment.char_diffusion.train_grpo")
 
@@ -187,9 +187,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
             done = it + 1
             final = done == cfg.max_iters
             if done % cfg.log_interval == 0 or final:
-                last = {**mean_over_ranks(rt, sums), "lr": lr}
-                if tracker is not None:
-                    tracker.log(last, step=done)
+                last = log_metrics(rt, tracker, sums, lr, done)
             if not rt.is_main:
                 continue
             if cfg.sample_interval and (done % cfg.sample_interval == 0 or final):
