@@ -11,6 +11,6 @@ Modules: :mod:`.prepare` and :mod:`.data` (token files, vocabulary, line-aligned
 :mod:`.checkpoint`, :mod:`.config`, :mod:`.runtime` (autocast, optimiser, schedule, seeds; the
 torchrun process group, device and DDP wrapping come from :mod:`alignment.distributed`),
 :mod:`.loop` (supervised loop), :mod:`.synthetic` + :mod:`.build` + :mod:`.demo` (the small pipeline
-of ``make demo``). Imports only ``alignment.{config, atomic, data, distributed, pg, tracking}`` of
-the project.
+of ``make demo``). Imports only ``alignment.{config, atomic, data, distributed, pg, rng, tracking}``
+of the project.
 """
