@@ -217,6 +217,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def field_help(text: str) -> dict[str, str]:
+    """A config field's help line: ``field(default=..., metadata=field_help("..."))``; shown by the
+    ``--flag`` that :func:`add_dataclass_args` makes for the field."""
+    return {"help": text}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add ``--field`` for every field of ``cls`` (booleans: ``--field`` / ``--no_field``).
 

@@ -33,6 +33,21 @@ visible_gpus() {
     fi
 }
 
+# process_count NAME: how many processes to launch. Keeps the variable NAME when it is set, else sets
+# it to the GPUs visible (at least 1); exits 2, naming NAME, unless it is a positive integer.
+process_count() {
+    local value="${!1:-}"
+    if [[ -z "${value}" ]]; then
+        value="$(visible_gpus)"
+        ((value >= 1)) || value=1
+    fi
+    if ! [[ "${value}" =~ ^[0-9]+$ ]] || ((value < 1)); then
+        log "${1} must be a positive integer, got '${value}'"
+        exit 2
+    fi
+    printf -v "${1}" '%s' "${value}"
+}
+
 # wait_for_scorer ADDRESS_FILE TIMEOUT_S: sets scorer_url, or exits 1 with what it last saw. The
 # scorer job may still be loading its 7B models when a trainer job starts.
 wait_for_scorer() {

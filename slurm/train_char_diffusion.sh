@@ -58,14 +58,7 @@ esac
 CONFIG="${CONFIG:-${recipe}}"
 RESUME="${RESUME:-}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC="$(visible_gpus)"
-    ((NPROC >= 1)) || NPROC=1
-fi
-if ! [[ "${NPROC}" =~ ^[0-9]+$ ]] || ((NPROC < 1)); then
-    log "NPROC must be a positive integer, got '${NPROC}'"
-    exit 2
-fi
+process_count NPROC
 
 read -r -a extra <<<"${EXTRA_ARGS}"
 args=(--config "${CONFIG}")

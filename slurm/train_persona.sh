@@ -44,14 +44,7 @@ log_prefix=train_persona
 source slurm/common.sh
 
 gpus="$(visible_gpus)"
-if [[ -z "${NUM_PROCESSES:-}" ]]; then
-    NUM_PROCESSES="${gpus}"
-    ((NUM_PROCESSES >= 1)) || NUM_PROCESSES=1
-fi
-if ! [[ "${NUM_PROCESSES}" =~ ^[0-9]+$ ]] || ((NUM_PROCESSES < 1)); then
-    log "NUM_PROCESSES must be a positive integer, got '${NUM_PROCESSES}'"
-    exit 2
-fi
+process_count NUM_PROCESSES
 CONFIG="${CONFIG:-}"
 RESUME="${RESUME:-}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"

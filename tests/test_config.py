@@ -136,3 +136,21 @@ def test_list_of_dataclasses_is_built_and_checked(tmp_path):
         load_config(Roster, write(tmp_path, "members:\n  - {weight: 2}\n"))
     save_config(cfg, tmp_path / "again.yaml")
     assert load_config(Roster, tmp_path / "again.yaml") == cfg
+
+
+def test_field_help_is_the_flag_help():
+    import argparse
+
+    from alignment.config import add_dataclass_args, field_help
+
+    @dataclass
+    class Helped:
+        steps: int = field(default=3, metadata=field_help("optimiser steps to take"))
+        quiet: bool = field(default=False, metadata=field_help("log warnings only"))
+        plain: float = 0.5
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Helped)
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    assert helps["--steps"] == "optimiser steps to take" and helps["--quiet"] == "log warnings only"
+    assert helps["--plain"] == "(default 0.5)"  # without field_help: the default

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignment.distributed import DistInfo, wrap
 from alignment.persona import checkpoint as ckpt
-from alignment.persona.distributed import DistInfo, wrap
 from alignment.persona.trainer import train
 from tests.test_persona_train import toy_cfg
 

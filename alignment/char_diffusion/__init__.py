@@ -8,7 +8,9 @@
 Modules: :mod:`.prepare` and :mod:`.data` (token files, vocabulary, line-aligned blocks),
 :mod:`.masking`, :mod:`.model` (generator and judge), :mod:`.sampling` (k fills from one forward),
 :mod:`.judge` (targets and rewards), :mod:`.grpo` (the pure step, on :mod:`alignment.pg`),
-:mod:`.checkpoint`, :mod:`.config`, :mod:`.runtime` (device, DDP, schedule, seeds), :mod:`.loop`
-(supervised loop), :mod:`.synthetic` + :mod:`.build` + :mod:`.demo` (the small pipeline of
-``make demo``). Imports only ``alignment.{config, atomic, data, pg, tracking}`` of the project.
+:mod:`.checkpoint`, :mod:`.config`, :mod:`.runtime` (autocast, optimiser, schedule, seeds; the
+torchrun process group, device and DDP wrapping come from :mod:`alignment.distributed`),
+:mod:`.loop` (supervised loop), :mod:`.synthetic` + :mod:`.build` + :mod:`.demo` (the small pipeline
+of ``make demo``). Imports only ``alignment.{config, atomic, data, distributed, pg, rng, tracking}``
+of the project.
 """

@@ -11,7 +11,7 @@ A checkpoint is one ``torch.save`` dict::
     iteration     optimiser steps taken
     config        the run's config as a plain dict
     optimizer, scheduler   their state dicts (None in a file made only for inference)
-    rng           torch CPU (+ CUDA) and Python RNG states
+    rng           torch CPU (+ CUDA) and Python RNG states (:func:`alignment.rng.rng_state`)
     extra         anything the trainer adds (e.g. the reference fingerprint of a GRPO run)
 
 It is serialised in memory and written with :func:`alignment.atomic.write_bytes`, so a crash
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import random
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +31,11 @@ from torch import nn
 from alignment.atomic import write_bytes
 from alignment.char_diffusion.data import Vocab
 from alignment.char_diffusion.model import Generator, Judge, Kind, ModelArgs, build_model
+from alignment.rng import rng_state
 
 CKPT_NAME = "ckpt.pt"
 FORMAT = "alignment.char_diffusion.ckpt/1"
 REQUIRED = ("format", "kind", "model_args", "model", "vocab", "iteration", "config")
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from outside its own seeded generators."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, vocab: Vocab, iteration: int,

@@ -9,12 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignment.char_diffusion.masking import Strategy
+from alignment.config import field_help as _help
 from alignment.pg.advantages import Baseline, Scale
 from alignment.pg.kl import KLEstimator
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass

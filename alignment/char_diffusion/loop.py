@@ -23,12 +23,13 @@ from alignment.char_diffusion.checkpoint import (
     load_strict,
     read_checkpoint,
     save_checkpoint,
-    set_rng_state,
 )
 from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import Vocab, check_same_vocab
 from alignment.char_diffusion.runtime import Runtime
 from alignment.config import config_to_dict
+from alignment.distributed import mean_over_ranks, micro_sync, wrap
+from alignment.rng import set_rng_state
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,17 @@ def open_tracker(cfg: RunConfig, rt: Runtime) -> Tracker | None:
                    wandb_project=cfg.wandb_project)  # fmt: skip
 
 
+def log_metrics(
+    rt: Runtime, tracker: Tracker | None, sums: dict[str, float], lr: float, step: int
+) -> dict[str, float]:
+    """``sums`` averaged over the ranks, plus ``lr``, logged at ``step`` on rank 0; a collective:
+    every rank calls it at the same steps."""
+    metrics = {**mean_over_ranks(rt, sums), "lr": lr}
+    if tracker is not None:
+        tracker.log(metrics, step=step)
+    return metrics
+
+
 def resume_state(path: Path, model: nn.Module, vocab: Vocab, optimizer: torch.optim.Optimizer,
                  scheduler: Any) -> dict[str, Any]:  # fmt: skip
     """Restore model, optimiser, scheduler and RNG states from ``path``; returns the checkpoint."""
@@ -60,7 +72,7 @@ def resume_state(path: Path, model: nn.Module, vocab: Vocab, optimizer: torch.op
     load_strict(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], str(path))
     logger.info("resumed %s at iteration %d", path, ckpt["iteration"])
     return ckpt
 
@@ -74,7 +86,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
     scheduler = rt_.build_scheduler(optimizer, cfg)
     ckpt_path = Path(cfg.out_dir) / CKPT_NAME
     start = resume_state(ckpt_path, model, vocab, optimizer, scheduler)["iteration"] if resume else 0
-    ddp = rt_.wrap_ddp(model, rt)
+    ddp = wrap(model, rt)
     tracker = open_tracker(cfg, rt)
     last: dict[str, float] = {}
     evaluation: dict[str, float] = {}
@@ -85,7 +97,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
             ddp.train()
             sums: dict[str, float] = {}
             for _, slot, is_last in rt_.slots(rt, accum):
-                with rt_.micro_sync(ddp, is_last):
+                with micro_sync(ddp, is_last):
                     with rt.autocast():
                         loss, metrics = micro_loss(ddp, it, slot)
                     (loss / accum).backward()
@@ -96,9 +108,7 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
             done = it + 1
             final = done == cfg.max_iters
             if done % cfg.log_interval == 0 or final:
-                last = {**rt.mean_over_ranks(sums), "lr": lr}
-                if tracker is not None:
-                    tracker.log(last, step=done)
+                last = log_metrics(rt, tracker, sums, lr, done)
             if evaluate is not None and (done % cfg.eval_interval == 0 or final) and rt.is_main:
                 model.eval()
                 evaluation = evaluate(model)

@@ -1,4 +1,5 @@
-"""Where and how a trainer runs: device, autocast, DDP (torchrun), optimiser, LR schedule, seeds.
+"""How a char_diffusion trainer runs: autocast dtype, optimiser, LR schedule, seeds; the torchrun
+process group, device choice and DDP wrapping are :mod:`alignment.distributed`'s.
 
 Randomness that decides *what* is trained on (which blocks, which positions are masked, which fills
 are sampled) comes from generators seeded by (seed, iteration, slot, stream), where a slot is one
@@ -11,94 +12,36 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from alignment.char_diffusion.config import RunConfig
+from alignment.distributed import DistInfo, init_distributed
 
-logger = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class Runtime(DistInfo):
+    """A :class:`~alignment.distributed.DistInfo` (rank, world, device) plus the autocast dtype."""
 
-@dataclass
-class Runtime:
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None: plain float32
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    autocast_dtype: torch.dtype | None = None  # None: plain float32
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        """Each value averaged over all ranks (the same keys on every rank)."""
-        if not self.distributed or not values:
-            return dict(values)
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
-
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def setup_runtime(cfg: RunConfig) -> Runtime:
     """The device and dtype of ``cfg``; under torchrun (WORLD_SIZE > 1) also the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and world > 1 and device.index is None:
-            device = torch.device(f"cuda:{local}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    info = init_distributed(cfg.device, cfg.backend)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if info.device.type == "cuda" else "float32")
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
-    if world > 1 and not dist.is_initialized():
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
-        logger.info("DDP rank %d/%d on %s (%s)", rank, world, device, backend)
-    return Runtime(device, autocast, rank, world, local)
-
-
-def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
-    """``model`` inside DistributedDataParallel when there are several ranks (gradients averaged)."""
-    if not rt.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
-def micro_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an optimiser step."""
-    if last or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    return Runtime(info.rank, info.world_size, info.local_rank, info.device, autocast)
 
 
 def slot_seed(seed: int, iteration: int, slot: int, stream: str) -> int:

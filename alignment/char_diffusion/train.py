@@ -25,6 +25,7 @@ from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.model import Generator, ModelArgs
 from alignment.char_diffusion.runtime import Runtime, setup_runtime, slot_generator
 from alignment.config import ConfigError, add_dataclass_args, config_from_args
+from alignment.distributed import cleanup
 
 logger = logging.getLogger("alignment.char_diffusion.train")
 
@@ -70,7 +71,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         return run_supervised(cfg, rt, gen, data.vocab, micro, lambda m: evaluate_generator(m, data, cfg, rt),
                               resume=resume)  # fmt: skip
     finally:
-        rt.close()
+        cleanup(rt)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,10 +33,11 @@ from alignment.char_diffusion.config import GRPOConfig
 from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
 from alignment.char_diffusion.grpo import Rollout, grpo_loss, rescore, rollout
 from alignment.char_diffusion.judge import judge_rewards
-from alignment.char_diffusion.loop import open_tracker, resume_state
+from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
 from alignment.config import ConfigError, add_dataclass_args, config_from_args, config_to_dict
+from alignment.distributed import cleanup, micro_sync, wrap
 
 logger = logging.getLogger("alignment.char_diffusion.train_grpo")
 
@@ -111,7 +112,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     try:
         return _train(cfg, rt, data, policy, reference, judge, resume)
     finally:
-        rt.close()
+        cleanup(rt)
 
 
 def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, reference: nn.Module,
@@ -132,7 +133,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
                 raise ValueError(f"{ckpt_path}: the {what} model differs from the one this run started with "
                                  f"({source} {frozen[source]} changed?)")  # fmt: skip
         start = ckpt["iteration"]
-    ddp = rt_.wrap_ddp(policy, rt)
+    ddp = wrap(policy, rt)
     tracker = open_tracker(cfg, rt)
     evals: list[tuple[int, dict[str, float]]] = []
     last: dict[str, float] = {}
@@ -159,7 +160,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
             for _, slot, is_last in rt_.slots(rt, accum):
                 tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(
                     data, "train", cfg.batch_size, cfg, rt_.slot_generator(cfg.seed, it, slot, "data")))  # fmt: skip
-                with rt_.micro_sync(ddp, is_last):
+                with micro_sync(ddp, is_last):
                     with rt.autocast():
                         ro, dist = rollout(ddp, reference, judge, tokens, inp, mask, cfg, banned,
                                            rt_.slot_generator(cfg.seed, it, slot, "fills", rt.device))  # fmt: skip
@@ -173,7 +174,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
             for _ in range(1, cfg.num_inner_epochs):  # later updates on the same fills: ratio ≠ 1, clipped
                 clip = {"clip_fraction": 0.0, "ratio_mean": 0.0}
                 for (_, _, is_last), ro in zip(rt_.slots(rt, accum), rollouts, strict=True):
-                    with rt_.micro_sync(ddp, is_last):
+                    with micro_sync(ddp, is_last):
                         with rt.autocast():
                             dist = rescore(ddp, ro, cfg, banned)
                         loss, metrics = grpo_loss(dist, ro, cfg)
@@ -186,9 +187,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
             done = it + 1
             final = done == cfg.max_iters
             if done % cfg.log_interval == 0 or final:
-                last = {**rt.mean_over_ranks(sums), "lr": lr}
-                if tracker is not None:
-                    tracker.log(last, step=done)
+                last = log_metrics(rt, tracker, sums, lr, done)
             if not rt.is_main:
                 continue
             if cfg.sample_interval and (done % cfg.sample_interval == 0 or final):

@@ -27,6 +27,7 @@ from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.model import Judge, ModelArgs
 from alignment.char_diffusion.runtime import Runtime, setup_runtime, slot_generator
 from alignment.config import ConfigError, add_dataclass_args, config_from_args
+from alignment.distributed import cleanup
 
 logger = logging.getLogger("alignment.char_diffusion.train_judge")
 
@@ -104,7 +105,7 @@ def train_judge(cfg: JudgeConfig, resume: bool = False) -> dict[str, Any]:
         return run_supervised(cfg, rt, judge, data.vocab, micro, lambda m: evaluate_judge(m, gen, data, cfg, rt),
                               resume=resume, extra={"generator_checkpoint": cfg.generator_checkpoint})  # fmt: skip
     finally:
-        rt.close()
+        cleanup(rt)
 
 
 def main(argv: list[str] | None = None) -> None:

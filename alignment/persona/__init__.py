@@ -6,5 +6,6 @@ it is trained first by teacher forcing (the SFT stage), then by policy gradient 
 text-overlap reward with the gold response (:mod:`.reward`), REINFORCE or GRPO on the shared
 core :mod:`alignment.pg`, while the retriever is distilled toward the reader's per-passage
 rewards. :mod:`.train` is the command line; :mod:`.toy` builds the tiny models and the synthetic
-task used by the tests, the demo and the benchmark.
+task used by the tests, the demo and the benchmark. Data parallel under torchrun (process group,
+device, DDP wrapping, collectives) is :mod:`alignment.distributed`'s.
 """

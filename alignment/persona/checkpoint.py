@@ -3,8 +3,9 @@
     <checkpoint_dir>/<name>/checkpoint/step-N/
         reader/               T5 (HF from_pretrained format) + its tokenizer
         retriever/            the encoder (HF format) + its tokenizer
-        training_state.pt     step, data position, optimizers, schedulers, every rank's RNG states,
-                              the reference model's source and hash, the index fingerprint
+        training_state.pt     step, data position, optimizers, schedulers, every rank's RNG states
+                              (alignment.rng), the reference model's source and hash, the index
+                              fingerprint
         options.yaml          the run's options (alignment.config YAML)
     <checkpoint_dir>/<name>/checkpoint/latest -> step-N
 
@@ -16,7 +17,6 @@ checkpoint and ``latest`` intact. ``--model_path …/checkpoint/latest`` starts 
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -88,31 +88,3 @@ def load_state(step_dir: str | Path) -> dict[str, Any]:
 
 def load_options(step_dir: str | Path) -> dict[str, Any]:
     return yaml.safe_load((Path(step_dir) / OPTIONS_FILE).read_text(encoding="utf-8"))
-
-
-def rng_state(generator: torch.Generator, answer_rng: random.Random) -> dict[str, Any]:
-    """This process's random states: Python's, torch's (CPU and CUDA), the sampler's, the answers'."""
-    state = {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "sampler": generator.get_state(),
-        "answers": answer_rng.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], generator: torch.Generator, answer_rng: random.Random) -> None:
-    random.setstate(_as_random_state(state["python"]))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampler"])
-    answer_rng.setstate(_as_random_state(state["answers"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_random_state(state: Any) -> tuple:
-    """``random.setstate`` wants tuples; a round trip through a checkpoint may give lists."""
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)

@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alignment.config import field_help as _help
 from alignment.config import load_config
 from alignment.persona.reward import RewardWeights
 from alignment.persona.rl import GRPOSettings
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass

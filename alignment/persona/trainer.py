@@ -25,10 +25,10 @@ from transformers import AutoTokenizer, get_scheduler
 
 from alignment.atomic import write_text
 from alignment.config import ConfigError
+from alignment.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, wrap
 from alignment.persona import checkpoint as ckpt
 from alignment.persona.config import RESUME_MUTABLE, PersonaConfig
 from alignment.persona.data import load_examples, load_passages
-from alignment.persona.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, wrap
 from alignment.persona.evaluate import evaluate, format_records
 from alignment.persona.hashing import weights_hash
 from alignment.persona.index import load_index, load_or_build_index
@@ -36,6 +36,7 @@ from alignment.persona.pipeline import Pipeline
 from alignment.persona.reader import FiDReader
 from alignment.persona.retriever import Retriever
 from alignment.persona.steps import Optim, distill_step, grpo_step, reinforce_step, sft_step
+from alignment.rng import rng_state, set_rng_state
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -183,11 +184,16 @@ class PersonaTrainer:
         if self.retriever_optim is not None:
             self.retriever_optim.optimizer.load_state_dict(state["optimizers"]["retriever"])
             self.retriever_optim.scheduler.load_state_dict(state["schedulers"]["retriever"])
-        ckpt.restore_rng(state["rng"][self.dist.rank], self.generator, self.answer_rng)
+        rank = self.dist.rank
+        set_rng_state(state["rng"][rank], f"{step_dir / ckpt.STATE_FILE} (rank {rank})", self._rngs())
         self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
         self.eval_history = list(state.get("eval_history", []))
         logger.info("resumed %s at step %d", step_dir, self.step)
         return state
+
+    def _rngs(self) -> dict[str, torch.Generator | random.Random]:
+        """This process's own generators, saved beside the global RNG states: the sampler's, the answers'."""
+        return {"sampler": self.generator, "answers": self.answer_rng}
 
     # ----- the loop -----
     def _next_batch(self) -> list:
@@ -282,7 +288,7 @@ class PersonaTrainer:
 
     def save(self) -> None:
         """A checkpoint of the current step (every rank's RNG state gathered; rank 0 writes)."""
-        rngs = gather_objects(self.dist, ckpt.rng_state(self.generator, self.answer_rng))
+        rngs = gather_objects(self.dist, rng_state(self._rngs()))
         hashes = gather_objects(self.dist, {"reader": weights_hash(self.reader),
                                             "retriever": weights_hash(self.retriever)})  # fmt: skip
         if any(h != hashes[0] for h in hashes):  # data parallel keeps them equal; if not, stop here
