@@ -5,13 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from alignment.config import field_help as _help
 from alignment.es.engines import GenerationSettings
 from alignment.es.lowrank import NoiseSpec
 from alignment.lagrange import LagrangeRecipe
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass

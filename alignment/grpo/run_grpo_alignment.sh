@@ -62,14 +62,7 @@ else
     accelerate_bin="accelerate"
 fi
 
-if [[ -z "${NUM_PROCESSES:-}" ]]; then
-    NUM_PROCESSES="$(visible_gpus)"
-    ((NUM_PROCESSES >= 1)) || NUM_PROCESSES=1
-fi
-if ! [[ "${NUM_PROCESSES}" =~ ^[0-9]+$ ]] || ((NUM_PROCESSES < 1)); then
-    log "NUM_PROCESSES must be a positive integer, got '${NUM_PROCESSES}'"
-    exit 2
-fi
+process_count NUM_PROCESSES
 
 read -r -a betas <<<"${BETAS}"
 if ((${#betas[@]} == 0)); then
