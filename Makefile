@@ -48,6 +48,12 @@ format: setup
 bench: setup
 	$(OFFLINE) $(PY) bench/scorer_throughput.py
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py --noise lowrank
+	$(OFFLINE) $(PY) bench/es_update_fidelity.py
+	$(OFFLINE) $(PY) bench/noise_devices.py
+	$(OFFLINE) $(PY) bench/grpo_step.py
+	$(OFFLINE) $(PY) bench/char_diffusion_grpo.py
+	$(OFFLINE) $(PY) bench/persona_rl.py
 
 clean-models:
 	rm -rf models/toy models/toy-test

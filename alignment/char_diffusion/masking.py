@@ -44,7 +44,9 @@ def random_mask(ratios: torch.Tensor, length: int, generator: torch.Generator) -
     return ranks < _counts(ratios, length)[:, None]
 
 
-def span_mask(ratios: torch.Tensor, length: int, generator: torch.Generator, span_mean: float) -> torch.Tensor:
+def span_mask(
+    ratios: torch.Tensor, length: int, generator: torch.Generator, span_mean: float
+) -> torch.Tensor:
     """bool[B, T] of spans (geometric lengths, mean ``span_mean`` >= 1), exactly the target count.
 
     Spans are laid down in order (all rows at once) and the first ``count`` positions they cover are
