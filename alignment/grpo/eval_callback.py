@@ -13,6 +13,7 @@ request, writes ``eval_results.jsonl`` and hands the summary to every rank, so a
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -31,6 +32,14 @@ from alignment.scoring.client import ScorerClient
 from alignment.scoring.quadrants import summarize
 
 logger = logging.getLogger(__name__)
+
+
+def _checkpointing_kwargs(args: Any) -> dict[str, Any]:
+    """What TRL's own generation passes to ``unwrap_model_for_generation`` for gradient checkpointing:
+    the argument exists from TRL 1.15 on (1.14, the last release for Python 3.10, has none)."""
+    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:
+        return {"gradient_checkpointing_kwargs": args.gradient_checkpointing_kwargs}
+    return {}
 
 
 def deal_batches(num_batches: int, rank: int, world: int) -> list[int]:
@@ -70,7 +79,7 @@ class AlignmentEvalCallback(TrainerCallback):
                 trainer.model_wrapped,
                 acc,
                 gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+                **_checkpointing_kwargs(trainer.args),
             ) as model,
             torch.no_grad(),
             DistributedBackend(acc).summon_full_params(trainer.model_wrapped, recurse=False),
