@@ -8,6 +8,7 @@ evaluation every ``eval_interval`` and an atomic ``out_dir/ckpt.pt`` every ``sav
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from alignment.char_diffusion.checkpoint import (
 from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import Vocab, check_same_vocab
 from alignment.char_diffusion.runtime import Runtime
-from alignment.config import config_to_dict
+from alignment.config import ConfigError, add_dataclass_args, config_from_args, config_to_dict
 from alignment.distributed import mean_over_ranks, micro_sync, wrap
 from alignment.rng import set_rng_state
 from alignment.tracking import Tracker
@@ -122,3 +123,20 @@ def run_supervised(cfg: RunConfig, rt: Runtime, model: nn.Module, vocab: Vocab, 
         if tracker is not None:
             tracker.close()
     return {"metrics": last, "eval": evaluation, "checkpoint": str(ckpt_path), "iterations": cfg.max_iters}
+
+
+def run_cli(
+    doc: str, cls: type, run: Callable[..., dict[str, Any]], argv: list[str] | None, config_help: str
+) -> dict[str, Any]:
+    """The shell of the three trainer CLIs: ``--config`` YAML, ``--resume``, one flag per field of
+    ``cls``; a bad config or input ends the process with ``error: ...`` instead of a traceback."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    add_dataclass_args(p, cls)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(config_from_args(cls, a, a.config), resume=a.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc

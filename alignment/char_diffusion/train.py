@@ -10,7 +10,6 @@ continues ``out_dir/ckpt.pt`` (model, optimiser, schedule, RNG states) where it 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any
 
@@ -20,11 +19,10 @@ from torch import nn
 
 from alignment.char_diffusion.config import PretrainConfig
 from alignment.char_diffusion.data import CharData
-from alignment.char_diffusion.loop import run_supervised
+from alignment.char_diffusion.loop import run_cli, run_supervised
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.model import Generator, ModelArgs
 from alignment.char_diffusion.runtime import Runtime, setup_runtime, slot_generator
-from alignment.config import ConfigError, add_dataclass_args, config_from_args
 from alignment.distributed import cleanup
 
 logger = logging.getLogger("alignment.char_diffusion.train")
@@ -75,16 +73,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML recipe (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
-    add_dataclass_args(p, PretrainConfig)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = pretrain(config_from_args(PretrainConfig, a, a.config), resume=a.resume)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    out = run_cli(__doc__, PretrainConfig, pretrain, argv, "YAML recipe (flags override it)")
     print(f"generator: {out['checkpoint']}  val {out['eval']}")
 
 

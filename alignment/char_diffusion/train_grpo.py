@@ -17,7 +17,6 @@ TensorBoard and ``metrics.jsonl`` in ``out_dir`` (W&B with ``--wandb_log``); ``e
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 from pathlib import Path
@@ -33,10 +32,10 @@ from alignment.char_diffusion.config import GRPOConfig
 from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
 from alignment.char_diffusion.grpo import Rollout, grpo_loss, rescore, rollout
 from alignment.char_diffusion.judge import judge_rewards
-from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state
+from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state, run_cli
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
-from alignment.config import ConfigError, add_dataclass_args, config_from_args, config_to_dict
+from alignment.config import config_to_dict
 from alignment.distributed import cleanup, micro_sync, wrap
 
 logger = logging.getLogger("alignment.char_diffusion.train_grpo")
@@ -205,18 +204,13 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--config", help="YAML recipe, e.g. alignment/char_diffusion/grpo.yaml (flags override it)"
+    out = run_cli(
+        __doc__,
+        GRPOConfig,
+        train_grpo,
+        argv,
+        "YAML recipe, e.g. alignment/char_diffusion/grpo.yaml (flags override it)",
     )
-    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
-    add_dataclass_args(p, GRPOConfig)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train_grpo(config_from_args(GRPOConfig, a, a.config), resume=a.resume)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
     if out["evals"]:
         (s0, e0), (s1, e1) = out["evals"][0], out["evals"][-1]
         print(f"held-out judge reward {e0['mean_reward']:.4f} (iteration {s0}) -> {e1['mean_reward']:.4f} "

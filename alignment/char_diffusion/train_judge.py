@@ -10,7 +10,6 @@ with the fraction of the block that differs from the original text (see :mod:`.j
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import replace
 from typing import Any
@@ -22,11 +21,10 @@ from alignment.char_diffusion.checkpoint import load_model, load_strict
 from alignment.char_diffusion.config import JudgeConfig
 from alignment.char_diffusion.data import CharData, check_same_vocab
 from alignment.char_diffusion.judge import corrupt_with_fills, judge_loss
-from alignment.char_diffusion.loop import run_supervised
+from alignment.char_diffusion.loop import run_cli, run_supervised
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.model import Judge, ModelArgs
 from alignment.char_diffusion.runtime import Runtime, setup_runtime, slot_generator
-from alignment.config import ConfigError, add_dataclass_args, config_from_args
 from alignment.distributed import cleanup
 
 logger = logging.getLogger("alignment.char_diffusion.train_judge")
@@ -109,16 +107,7 @@ def train_judge(cfg: JudgeConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML recipe (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
-    add_dataclass_args(p, JudgeConfig)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train_judge(config_from_args(JudgeConfig, a, a.config), resume=a.resume)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    out = run_cli(__doc__, JudgeConfig, train_judge, argv, "YAML recipe (flags override it)")
     print(f"judge: {out['checkpoint']}  val {out['eval']}")
 
 
