@@ -24,11 +24,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from alignment.cli import UserError
+
 T = TypeVar("T")
 _EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
