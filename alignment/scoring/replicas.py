@@ -80,12 +80,13 @@ def probe(http: httpx.Client, url: str, timeout: float) -> str | None:
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     try:
-        status = response.json().get("status")
+        body = response.json()
+        status, why = body.get("status"), body.get("error")
     except (ValueError, AttributeError):
-        status = None
+        status = why = None
     if response.status_code == 200 and status == "healthy":
         return None
-    return f"/health answered {response.status_code} {status or ''}".strip()
+    return f"HTTP {response.status_code} from {url}/health" + (f" ({why or status})" if why or status else "")
 
 
 class ReplicaPool:
