@@ -24,6 +24,7 @@
 #   SCORER_PORT=8000                                      replica k of a node: +k; 0 picks free ports
 #   SCORER_ADDRESS_DIR=logs/scorers                       one address file per replica
 #   SCORER_ADDRESS_FILE=""                                one replica only: publish in this file
+#                                                         (a directory, or ending in /: as ..._DIR)
 #   SCORER_DTYPE=<bf16 if a GPU is visible, else auto>    auto, bf16, fp16, fp32
 #   SCORER_MAX_BATCH_SIZE=32                              rows per forward pass
 #   SCORER_TOKEN=""                                       if set, clients must send this bearer token;
@@ -65,6 +66,10 @@ SCORER_HOST="${SCORER_HOST:-0.0.0.0}"
 SCORER_PORT="${SCORER_PORT:-8000}"
 SCORER_ADDRESS_DIR="${SCORER_ADDRESS_DIR:-logs/scorers}"
 SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-}"
+if [[ -n "${SCORER_ADDRESS_FILE}" && ( -d "${SCORER_ADDRESS_FILE}" || "${SCORER_ADDRESS_FILE}" == */ ) ]]; then
+    SCORER_ADDRESS_DIR="${SCORER_ADDRESS_FILE}"  # the trainers' variable naming the directory
+    SCORER_ADDRESS_FILE=""
+fi
 if [[ -z "${SCORER_DTYPE:-}" ]]; then
     if (($(visible_gpus) >= 1)); then SCORER_DTYPE=bf16; else SCORER_DTYPE=auto; fi
 fi

@@ -15,7 +15,8 @@
 #                                                    the first is used outside an array
 #   NUM_PROCESSES=<GPUs visible, else 1>             > 1: accelerate launch; 1: plain python
 #   ACCELERATE_CONFIG=alignment/grpo/accelerate_zero2.yaml
-#   SCORER_ADDRESS_FILE=logs/scorer_address.json     written by the scorer service
+#   SCORER_ADDRESS_FILE=logs/scorers/                written by the scorer service
+#                                                    (the replicas' address directory, or one address file)
 #   SCORER_WAIT_S=1800                               how long to wait for a healthy scorer
 #   OUTPUT_ROOT=logs/grpo                            runs go to $OUTPUT_ROOT/beta$BETA
 #   EXTRA_OVERRIDES=""                               space-separated key=value overrides
@@ -49,7 +50,7 @@ source slurm/common.sh
 CONFIG="${CONFIG:-alignment/grpo/grpo_alignment.yaml}"
 BETAS="${BETAS:-0.01 0.05 0.1 0.15}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-alignment/grpo/accelerate_zero2.yaml}"
-SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
+SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorers/}"
 SCORER_WAIT_S="${SCORER_WAIT_S:-1800}"
 OUTPUT_ROOT="${OUTPUT_ROOT:-logs/grpo}"
 EXTRA_OVERRIDES="${EXTRA_OVERRIDES:-}"

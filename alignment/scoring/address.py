@@ -79,14 +79,17 @@ def replica_file(address_dir: str | Path, bind_host: str, port: int) -> Path:
 def publish_path(address_file: str | None, address_dir: str | None, bind_host: str, port: int) -> Path:
     """Where a scorer publishes: ``--address-file``, else a file of its own in ``--address-dir``,
     else ``$SCORER_ADDRESS_FILE``, else a file of its own in ``$SCORER_ADDRESS_DIR`` or
-    ``logs/scorers``."""
-    if address_file:
+    ``logs/scorers``. An "address file" that is a directory (or ends in ``/``) means a file of its
+    own in that directory, so one variable can name either for every job."""
+    address_file = address_file or (None if address_dir else os.environ.get(ADDRESS_FILE_ENV))
+    if address_file and not is_directory(address_file):
         return Path(address_file)
-    if address_dir:
-        return replica_file(address_dir, bind_host, port)
-    if os.environ.get(ADDRESS_FILE_ENV):
-        return Path(os.environ[ADDRESS_FILE_ENV])
-    return replica_file(default_address_dir(), bind_host, port)
+    return replica_file(address_file or address_dir or default_address_dir(), bind_host, port)
+
+
+def is_directory(path: str | Path) -> bool:
+    """Whether an address path names a directory: it is one, or it ends in ``/``."""
+    return str(path).endswith("/") or Path(path).is_dir()
 
 
 def write_address_file(

@@ -106,6 +106,8 @@ def spawn_scorer(
     if num_threads:
         cmd += ["--num-threads", str(num_threads)]
     log_path = Path(log_file) if log_file else None
+    if log_path:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     child_env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}
     popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env)

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ class Replica:
     answered: int = 0
     items: int = 0
     failures: int = 0
-    picked: int = 0  # when it was last picked: ties of outstanding go round robin
+    # when it was last picked: ties of outstanding go round robin, from a random start, so that many
+    # independent clients (trainer ranks) do not all pick the same replica first
+    picked: float = field(default_factory=lambda: -random.random())
     suspect: str | None = None
     cool_until: float = 0.0
     rejected: str | None = None
