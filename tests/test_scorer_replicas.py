@@ -18,7 +18,7 @@ import pytest
 
 from alignment.scoring.address import read_addresses
 from alignment.scoring.client import ScorerClient, ScorerUnavailableError
-from alignment.scoring.launch import start_replicas
+from alignment.scoring.launch import start_replicas, start_scorer
 
 EXACT = ["--max-batch-size", "1"]
 PROMPTS = [f"how do I bake bread number {i}?" for i in range(48)]
@@ -162,3 +162,21 @@ def test_read_addresses_keeps_the_newest_file_per_url_and_says_what_it_skipped(t
     assert [(a.url, a.token) for a in found] == [("http://h:1", "new")]
     assert any("c.json is not valid JSON" in n for n in notes)
     assert any("missing.json is missing" in n for n in notes)
+
+
+def test_a_request_that_fails_on_every_replica_is_its_own_problem_not_an_outage(toy_models, tmp_path, caplog):
+    """A 500 says this request's scoring failed: retried within the budget, then a clear error; the
+    replica stays usable for everyone else, and no outage is declared."""
+    caplog.set_level(logging.INFO, logger="alignment.scoring")
+    poisoned = start_scorer(toy_models / "reward", toy_models / "cost", tmp_path / "address.json",
+                            module="tests.faulty_scorer", env={"SCORER_TEST_FAULT": "poison"})  # fmt: skip
+    try:
+        client = ScorerClient(poisoned.url, retry_budget=1.0, backoff=0.05, max_backoff=0.2)
+        with pytest.raises(ScorerUnavailableError, match="HTTP 500.*injected fault") as err:
+            client.score(["a"], [" POISON"])
+        assert poisoned.url in str(err.value) and "retry budget" in str(err.value)
+        assert len(client.score(PROMPTS[:3], RESPONSES[:3])) == 3  # the replica served on
+    finally:
+        poisoned.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "could not score a request" in warnings[0]

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import random
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ import httpx
 
 from alignment.cli import UserError
 from alignment.scoring.address import address_sources
-from alignment.scoring.replicas import ReplicaPool
+from alignment.scoring.replicas import Outage, ReplicaPool
 
 logger = logging.getLogger(__name__)
 
@@ -134,36 +133,6 @@ def check_answer(route: str, answer: object, size: int) -> Scores:
     return Scores(rewards, costs, _indices(route, answer.get("truncated", []), size))
 
 
-class _Outage:
-    """Client-wide: when no replica could serve, since when, and the two log lines it is worth.
-
-    One warning when the first request finds no usable replica, one when a request succeeds again;
-    the retries in between log nothing above DEBUG, however many requests wait.
-    """
-
-    def __init__(self, budget: float) -> None:
-        self.budget = budget
-        self._lock = threading.Lock()
-        self._since: float | None = None
-
-    def elapsed(self, problem: str) -> float:
-        """Seconds this outage has lasted (it starts now if none is under way)."""
-        with self._lock:
-            now = time.monotonic()
-            if self._since is None:
-                self._since = now
-                logger.warning("scorer unavailable: %s; retrying for up to %.0fs (retry budget)", problem,
-                               self.budget)  # fmt: skip
-            return now - self._since
-
-    def over(self, url: str) -> None:
-        with self._lock:
-            if self._since is None:
-                return
-            lasted, self._since = time.monotonic() - self._since, None
-        logger.warning("scorer available again at %s after %.1fs", url, lasted)
-
-
 def _split_urls(url: str | Sequence[str]) -> list[str]:
     parts = url.split(",") if isinstance(url, str) else list(url)
     urls = [u.strip().rstrip("/") for u in parts if u.strip()]
@@ -235,7 +204,7 @@ class ScorerClient:
             )
         else:
             self._pool = ReplicaPool(self._http, urls=_split_urls(url), token=token)
-        self._outage = _Outage(retry_budget)
+        self._outage = Outage(retry_budget)
 
     @property
     def urls(self) -> list[str]:
@@ -282,6 +251,9 @@ class ScorerClient:
         when it fails; waits and retries while none can serve, within the retry budget."""
         tried: set[str] = set()
         waits = 0
+        stuck_since: float | None = None  # when this request first found no replica to try
+        last_error = ""  # of this request (a 500 leaves the replica usable: the pool does not say)
+        failed_here = False  # a 500 was logged for this request
         while True:
             replica = self._pool.acquire(tried)
             if replica is None:
@@ -293,12 +265,20 @@ class ScorerClient:
                         401, f"every scorer rejected the bearer token: {self._pool.problem()}"
                     )
                 problem = self._pool.problem()
-                lasted = self._outage.elapsed(problem)
+                now = time.monotonic()
+                stuck_since = now if stuck_since is None else stuck_since
+                # an outage (no replica alive) is the client's, logged once; busy replicas or a
+                # request that failed on every replica concern this request alone
+                lasted = self._outage.elapsed(problem) if not self._pool.alive() else 0.0
+                lasted = max(lasted, now - stuck_since)
                 left = self.retry_budget - lasted
                 if left <= 0 or (self.retries is not None and waits >= self.retries):
                     why = f"retry budget of {self.retry_budget:.0f}s used up" if left <= 0 else (
                         f"{self.retries} retries used up")  # fmt: skip
-                    raise ScorerUnavailableError(f"scorer unavailable for {lasted:.0f}s ({why}): {problem}")
+                    last = f"; this request's last error: {last_error}" if last_error else ""
+                    raise ScorerUnavailableError(
+                        f"no scorer could serve {route} for {lasted:.0f}s ({why}): {problem}{last}"
+                    )
                 delay = min(self._delay(waits, self._pool.rest_left()), left)
                 logger.debug("no scorer can serve %s; retrying in %.2fs: %s", route, delay, problem)
                 time.sleep(delay)
@@ -312,13 +292,22 @@ class ScorerClient:
             try:
                 response = self._http.request(method, target, json=payload, headers=headers)
             except httpx.TransportError as exc:
-                self._pool.failed(replica, f"{type(exc).__name__}: {exc}", transport=True)
+                last_error = f"{replica.url}: {type(exc).__name__}: {exc}"
+                self._pool.failed(replica, f"{type(exc).__name__}: {exc}", "down")
                 continue
             finally:
                 self._pool.release(replica)
-            if response.status_code >= 500:
-                why = f"HTTP {response.status_code}: {_message(response)}"
-                self._pool.failed(replica, why, transport=False, retry_after=_retry_after(response))
+            status = response.status_code
+            if status >= 500 or status == 429:
+                why = f"HTTP {status}: {_message(response)}"
+                last_error = f"{replica.url}: {why}"
+                hint = _retry_after(response)
+                kind = "request" if status == 500 else "busy" if hint is not None else "down"
+                self._pool.failed(replica, why, kind, retry_after=hint)
+                if kind == "request" and not failed_here:  # once per request, not per retry
+                    logger.warning("scorer %s could not score a request to %s (%s); retrying it on "
+                                   "the replicas within the retry budget", replica.url, route, why)  # fmt: skip
+                failed_here = failed_here or kind == "request"
                 continue
             if response.status_code in (401, 403):
                 self._pool.reject(replica, f"HTTP {response.status_code}: {_message(response)}")

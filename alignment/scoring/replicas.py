@@ -7,12 +7,17 @@
 
 A replica is *usable* unless
 
-- it failed at the transport level (refused, reset, timed out): it is *suspect* and gets no request
-  until a ``GET /health`` probe answers healthy (a request is never the probe, so a dead replica
-  costs one failed request per client, not one per retry);
-- it answered 5xx: it *cools down* for a 503's ``Retry-After``, else ``cooldown`` seconds (a busy
-  replica still answers /health, so a probe would not tell);
+- it is *suspect*: a request failed at the transport level (refused, reset, timed out) or got a 5xx
+  that says the service itself is unwell (502, 504, a 503 without ``Retry-After``: the scheduler
+  stopped); it gets no request until a ``GET /health`` probe answers healthy (a request is never
+  the probe, so a dead replica costs one failed request per client, not one per retry);
+- it is *busy*: a 503 or 429 with ``Retry-After`` (queue full) rests it that long (a busy replica
+  still answers /health, so a probe would not tell);
 - it rejected the bearer token (401/403): skipped until its address file changes.
+
+A 500 says only that this request's scoring failed on that replica: the request goes to another
+one, the replica stays usable. The scorer is *down* for a client (an outage) when no replica is
+*alive*: none is known, or every one is suspect or rejected; busy replicas are alive.
 
 With discovery (``sources``: address files and directories, see :mod:`alignment.scoring.address`)
 the sources are read again at most every ``refresh_interval`` seconds, and whenever no replica is
@@ -92,6 +97,36 @@ def probe(http: httpx.Client, url: str, timeout: float) -> str | None:
     return f"HTTP {response.status_code} from {url}/health" + (f" ({why or status})" if why or status else "")
 
 
+class Outage:
+    """Client-wide: when no replica could serve, since when, and the two log lines it is worth.
+
+    One warning when the first request finds no usable replica, one when a request succeeds again;
+    the retries in between log nothing above DEBUG, however many requests wait.
+    """
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def elapsed(self, problem: str) -> float:
+        """Seconds this outage has lasted (it starts now if none is under way)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+                logger.warning("scorer unavailable: %s; retrying for up to %.0fs (retry budget)", problem,
+                               self.budget)  # fmt: skip
+            return now - self._since
+
+    def over(self, url: str) -> None:
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, self._since = time.monotonic() - self._since, None
+        logger.warning("scorer available again at %s after %.1fs", url, lasted)
+
+
 class ReplicaPool:
     """Thread-safe set of replicas: fixed ``urls``, or discovered from ``sources``.
 
@@ -161,22 +196,23 @@ class ReplicaPool:
             replica.answered += 1
             replica.items += items
 
-    def failed(self, replica: Replica, why: str, transport: bool, retry_after: float | None = None) -> None:
-        """A request to ``replica`` failed: a transport failure makes it suspect, a 5xx rests it."""
+    def failed(self, replica: Replica, why: str, kind: str, retry_after: float | None = None) -> None:
+        """A request to ``replica`` failed. ``kind``: ``"down"`` (transport error, the service
+        unwell) makes it suspect, ``"busy"`` rests it for ``retry_after`` (else ``cooldown``)
+        seconds, ``"request"`` (a 500: this request's scoring failed) only counts."""
         with self._lock:
             now = time.monotonic()
             replica.failures += 1
             replica.last_error = why
-            if transport:
+            newly = False
+            if kind == "down":
                 newly = replica.suspect is None
                 replica.suspect = why
-            else:
-                newly = replica.usable(now)
+            elif kind == "busy":
                 replica.cool_until = max(replica.cool_until, now + (retry_after or self.cooldown))
             others = sum(r.usable(now) for r in self._replicas.values())
         if newly and others:  # with none left, the client's outage warning says it once
-            log = logger.warning if transport else logger.info
-            log("scorer %s failed (%s); its requests go to the other %d", replica.url, why, others)
+            logger.warning("scorer %s failed (%s); its requests go to the other %d", replica.url, why, others)
 
     def reject(self, replica: Replica, why: str) -> None:
         """``replica`` refused our token: not ours (another job's scorer) or a token given by hand."""
@@ -185,6 +221,11 @@ class ReplicaPool:
             replica.failures += 1
         where = f" (address file {replica.address.source})" if replica.address.source else ""
         logger.error("scorer %s rejected the bearer token: %s%s; skipping it", replica.url, why, where)
+
+    def alive(self) -> bool:
+        """Whether some replica is neither suspect nor rejected (busy ones count)."""
+        with self._lock:
+            return any(r.suspect is None and r.rejected is None for r in self._replicas.values())
 
     def all_rejected(self) -> bool:
         with self._lock:
