@@ -1,6 +1,10 @@
 """Issue 21, item 3: ``batch``-scaled advantages over the whole generation batch, in both systems,
 computed the way their trainers compute them. Run as one torchrun rank (``__main__``: gloo, results
-saved to argv[1]/rank<R>.pt), or called on one process by tests/test_pg_ddp.py for the reference."""
+saved to argv[1]/rank<R>.pt; then, in the same process group, character-diffusion GRPO with the
+config in argv[2], its final weights added), or called on one process by tests/test_pg_ddp.py for
+the reference. (One process group per launch: train_grpo joins the open one and leaves it at the
+end; joining a second group in the same torchrun launch can meet the first one's stale rendezvous
+keys.)"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from alignment.char_diffusion.config import GRPOConfig
 from alignment.char_diffusion.grpo import generation_rewards, grade, rollout
 from alignment.char_diffusion.model import Generator, Judge, ModelArgs
 from alignment.char_diffusion.runtime import slots
+from alignment.char_diffusion.train_grpo import train_grpo
+from alignment.config import load_config
 from alignment.distributed import DistInfo, cleanup, init_distributed
 from alignment.persona import steps
 from alignment.persona.rl import grpo_advantages
@@ -54,6 +60,9 @@ def persona_advantages(info: DistInfo) -> torch.Tensor:
 if __name__ == "__main__":
     info = init_distributed("cpu", "gloo")
     char, everything = char_advantages(info, accumulation=2)
-    torch.save({"char": char, "char_batch": everything, "persona": persona_advantages(info)},
-               os.path.join(sys.argv[1], f"rank{info.rank}.pt"))  # fmt: skip
-    cleanup(info)
+    result = {"char": char, "char_batch": everything, "persona": persona_advantages(info)}
+    out = train_grpo(load_config(GRPOConfig, sys.argv[2]))  # in this process group; leaves it at the end
+    result["model"] = {k: v.detach().clone() for k, v in out["policy"].state_dict().items()}
+    result["wrapper"] = out["wrapper"]
+    torch.save(result, os.path.join(sys.argv[1], f"rank{info.rank}.pt"))
+    cleanup(info)  # a no-op when train_grpo has left the group already

@@ -1,7 +1,6 @@
 """GRPO fill-in under real torchrun: 2 CPU processes on gloo, the policy wrapped in DDP, gradients
 averaged across ranks (equal to one process accumulating the same two micro-batches), identical
-weights on both ranks; with group-scaled advantages and with batch-scaled ones (the std of the whole
-generation batch, gathered from both ranks)."""
+weights on both ranks."""
 
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ from alignment.config import config_to_dict, load_config
 from tests.conftest import REPO
 
 
-def _config(models: dict[str, str], out: Path, accumulation: int, scale: str = "group") -> GRPOConfig:
-    return load_config(GRPOConfig, REPO / "alignment" / "char_diffusion" / "grpo.yaml", {"advantage_scale": scale,
+def _config(models: dict[str, str], out: Path, accumulation: int) -> GRPOConfig:
+    return load_config(GRPOConfig, REPO / "alignment" / "char_diffusion" / "grpo.yaml", {
         "dataset": models["data"], "generator_checkpoint": models["generator"], "judge_checkpoint": models["judge"],
         "out_dir": str(out), "batch_size": 2, "gradient_accumulation_steps": accumulation, "group_size": 4,
         "max_iters": 2, "warmup_iters": 0, "learning_rate": 1e-3, "eval_interval": 100, "eval_iters": 1,
@@ -46,32 +45,26 @@ def _run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subproces
 
 
 def test_two_gloo_ranks_average_gradients_and_agree(char_diffusion_models, tmp_path):
-    scales = ("group", "batch")
-    files = []
-    for scale in scales:
-        files.append(tmp_path / f"ddp-{scale}.yaml")
-        cfg = _config(char_diffusion_models, tmp_path / f"ddp-{scale}", 1, scale)
-        files[-1].write_text(yaml.safe_dump(config_to_dict(cfg)))
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(yaml.safe_dump(config_to_dict(_config(char_diffusion_models, tmp_path / "ddp", 1))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     # python -m torch.distributed.run is torchrun, for the interpreter running the tests
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
-           str(REPO / "tests" / "char_diffusion_ddp_worker.py"), str(tmp_path), *map(str, files)]  # fmt: skip
+           str(REPO / "tests" / "char_diffusion_ddp_worker.py"), str(cfg_file), str(tmp_path)]  # fmt: skip
     proc = _run_group(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2 and ranks[0]["world"] == 2
+    w0, w1 = ranks[0]["model"], ranks[1]["model"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # DDP keeps the ranks bit-identical
     start = read_checkpoint(char_diffusion_models["generator"])["model"]
-    for i, scale in enumerate(scales):
-        ranks = [torch.load(tmp_path / f"rank{r}-{i}.pt", weights_only=True) for r in (0, 1)]
-        assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2 and ranks[0]["world"] == 2
-        w0, w1 = ranks[0]["model"], ranks[1]["model"]
-        assert all(torch.equal(w0[k], w1[k]) for k in w0), scale  # DDP keeps the ranks bit-identical
-        assert any(not torch.equal(w0[k], start[k]) for k in w0), scale
-        assert read_checkpoint(tmp_path / f"ddp-{scale}" / "ckpt.pt")["iteration"] == 2  # rank 0 saved
+    assert any(not torch.equal(w0[k], start[k]) for k in w0)
+    assert read_checkpoint(tmp_path / "ddp" / "ckpt.pt")["iteration"] == 2  # rank 0 saved
 
-        # One process accumulating the same two micro-batches (slots 0 and 1) sees the same data and
-        # draws. Its gradient is g0/2 + g1/2 (each loss divided by 2 before backward); DDP's is the sum
-        # of each rank's g_r/2. Scaling by a power of two is exact in floating point and a two-term sum
-        # is commutative, so with the same shapes and threads the weights agree bit for bit. With
-        # "batch" both layouts divide by the std of the same 2 slots' rewards, gathered in slot order.
-        single = train_grpo(_config(char_diffusion_models, tmp_path / f"single-{scale}", 2, scale))
-        assert all(torch.equal(w0[k], single["policy"].state_dict()[k]) for k in w0), scale
+    # One process accumulating the same two micro-batches (slots 0 and 1) sees the same data and
+    # draws. Its gradient is g0/2 + g1/2 (each loss divided by 2 before backward); DDP's is the sum of
+    # each rank's g_r/2. Scaling by a power of two is exact in floating point and a two-term sum is
+    # commutative, so with the same shapes and threads the weights agree bit for bit.
+    single = train_grpo(_config(char_diffusion_models, tmp_path / "single", 2))["policy"].state_dict()
+    assert all(torch.equal(w0[k], single[k]) for k in w0)
