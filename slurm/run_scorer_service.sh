@@ -5,7 +5,7 @@
 #
 #   sbatch slurm/run_scorer_service.sh                                   # 1 replica, 1 GPU
 #   sbatch --gres=gpu:4 slurm/run_scorer_service.sh                      # 4 replicas on one node
-#   sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 slurm/run_scorer_service.sh
+#   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 --mem=256G slurm/run_scorer_service.sh
 #                                                    # 8 replicas on 2 nodes: srun, one per task
 #   bash slurm/run_scorer_service.sh                 # here and now; Ctrl-C stops it
 #   bash slurm/run_scorer_service.sh --access-log    # arguments go to the service as extra flags
@@ -37,7 +37,7 @@
 #
 #SBATCH --job-name=scorer
 #SBATCH --nodes=1
-#SBATCH --ntasks=1
+#SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=64G
