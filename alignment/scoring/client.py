@@ -193,6 +193,8 @@ class ScorerClient:
         self.timeout, self.retries, self.batch_size = timeout, retries, batch_size
         self.backoff, self.max_backoff, self.max_concurrency = backoff, max_backoff, max(1, max_concurrency)
         self.retry_budget = retry_budget
+        # one client serves many threads (the ES trainer's scoring pool, TRL's reward calls), each
+        # call up to max_concurrency requests, spread over the replicas: room for 8 such calls
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=self.max_concurrency * 8),
