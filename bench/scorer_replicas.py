@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import logging
 import random
+import resource
 import statistics
 import sys
 import threading
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs:
             proc.stop()
+    # where the CPU went: if the client side took a large share, more replicas cannot help here
+    client_cpu = sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime"))
+    scorer_cpu = sum(
+        getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")
+    )
     one, many = statistics.median(results["one"]), statistics.median(results["all"])
     print(f"\nScorer replicas ({'given models' if args.reward_model else 'toy models'}, device={args.device}, "
           f"{args.scorer_threads} torch thread(s) per replica)")  # fmt: skip
@@ -157,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {args.replicas} replicas: {', '.join(f'{x:.1f}' for x in results['all'])} pairs/s")
     print(
         "  last round's spread: " + "; ".join(f"{url} {s['requests']} requests" for url, s in spread.items())
+    )
+    print(
+        f"  CPU seconds: client process {client_cpu:.0f} (load threads, HTTP, JSON), replicas {scorer_cpu:.0f}"
     )
     print(f"  total bench time {time.perf_counter() - started:.0f} s")
     print(f"scorer_replicas: replicas={args.replicas} one={one:.1f} pairs/s all={many:.1f} pairs/s "
