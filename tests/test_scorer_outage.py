@@ -127,3 +127,24 @@ def test_grpo_outage_saves_the_finished_steps_and_resumes_from_them(
     logged = {h["step"]: h["lambda/value"] for h in result["log_history"] if "lambda/value" in h}
     assert sorted(logged) == [1, 2, 3] and result["lambda"]["steps"] == 3  # steps 1-2 from the checkpoint
     assert logged[3] == pytest.approx(math.exp(saved_lambda["log_lambda"]), rel=1e-6)  # resumed with its λ
+
+
+def test_a_scorer_failure_on_one_rank_stops_every_rank(tmp_path):
+    """GRPO's reward shares a rank's scorer failure with the others (a real 2-process gloo group),
+    so no rank is left waiting in TRL's reward gather while the failed one saves and exits."""
+    import multiprocessing
+
+    from tests.agree_worker import agree_worker
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=agree_worker, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[1] for r in results] == [None, None]  # no failure anywhere: nobody stops
+    assert [r[2] for r in results] == ["ScorerError", "ScorerError"]
+    assert results[0][3] == "the scorer failed on rank 1: scorer at http://node7:8000 unavailable"
+    assert results[1][3] == "scorer at http://node7:8000 unavailable"
