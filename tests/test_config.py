@@ -152,5 +152,7 @@ def test_field_help_is_the_flag_help():
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, Helped)
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
-    assert helps["--steps"] == "optimiser steps to take" and helps["--quiet"] == "log warnings only"
-    assert helps["--plain"] == "(default 0.5)"  # without field_help: the default
+    # the default, as the YAML spells it, follows the field's help (or stands alone without one)
+    assert helps["--steps"] == "optimiser steps to take (default: 3)"
+    assert helps["--quiet"] == "log warnings only (default: false)"
+    assert helps["--plain"] == "(default: 0.5)"
