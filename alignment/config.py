@@ -261,7 +261,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Coll
                 help=f"sets {f.name} to false",
             )
         else:
-            parser.add_argument(
+            action = parser.add_argument(
                 f"--{f.name}",
                 dest=f.name,
                 type=_yaml_scalar,
@@ -269,14 +269,20 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Coll
                 metavar=f.name.upper(),
                 help=help_text,
             )
+            action.config_default = _default_value(f)  # what applies when neither flag nor YAML sets it
+
+
+def _default_value(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
+    value = _default_value(f)
+    if value is dataclasses.MISSING:
         return "required"
     if value is None:
         return "null"

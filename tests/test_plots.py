@@ -322,7 +322,9 @@ def test_training_curve_legend_names_runs_by_what_differs(tmp_path: Path) -> Non
     # noise first (the telling key), absent keys count as differing, placement keys (experiment_dir) never
     assert plot_training_curves.legend_labels([full, low, grpo]) == [
         "ES noise=full, noise_rank=null", "ES noise=lowrank, noise_rank=4", "GRPO"]  # fmt: skip
-    legend = [t.get_text() for t in plot_training_curves.plot_training_curves([full, low]).legends[0].get_texts()]
+    legend = [
+        t.get_text() for t in plot_training_curves.plot_training_curves([full, low]).legends[0].get_texts()
+    ]
     assert legend[:2] == ["ES noise=full, noise_rank=null (constraint E[C] ≤ 0.25)",
                           "ES noise=lowrank, noise_rank=4 (constraint E[C] ≤ 0.25)"]  # fmt: skip
 

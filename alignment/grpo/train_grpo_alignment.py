@@ -170,7 +170,9 @@ def train_grpo(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOAlignmentConfig, str | None]:
+    """The recipe and ``--resume`` of a command line: defaults < ``--config`` YAML < ``--key value``
+    flags < ``key=value`` overrides."""
     p = cli.parser(
         __doc__,
         epilog="λ keys: cost_threshold_d=d gives J_C = mean(C) + d, i.e. the constraint E[C] <= -d\n"
@@ -184,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(p, GRPOAlignmentConfig, exclude=("extra",))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of recipe keys or GRPOConfig fields (as --key value)")  # fmt: skip
-    args = list(sys.argv[1:] if argv is None else argv)
-    a = p.parse_intermixed_args(overrides_from_flags(p, args))
+    a = p.parse_intermixed_args(overrides_from_flags(p, list(sys.argv[1:] if argv is None else argv)))
+    flags = {k: v for k, v in vars(a).items() if k not in ("config", "resume", "overrides", "debug")}
+    return load_grpo_config(a.config, {**flags, **parse_overrides(a.overrides)}), a.resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    flags = {k: v for k, v in vars(a).items() if k not in ("config", "resume", "overrides", "debug")}
-    cfg = load_grpo_config(a.config, {**flags, **parse_overrides(a.overrides)})
-    result = train_grpo(cfg, resume=a.resume)
+    result = train_grpo(cfg, resume=resume)
     if result["eval"]:
         first, last = result["eval"][0], result["eval"][-1]
         logger.info("greedy eval: reward %.3f -> %.3f, cost %.3f -> %.3f, safe %.1f%% -> %.1f%%",
