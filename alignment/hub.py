@@ -74,11 +74,13 @@ def explain(name: str | Path, given_by: str, what: str, exc: BaseException) -> H
     names = _names(exc)
     if "HFValidationError" in names:
         return HubError(f"{where} is neither a local folder nor a valid hub name: {_first_line(exc)}")
-    replace = f"pass a local folder with {given_by}"
+    local = "a local file or folder" if what == "dataset" else "a local folder"
+    replace = f"pass {local} with {given_by}"
+    download = f"hf download {'--repo-type dataset ' if what == 'dataset' else ''}{name}"
     if hub_offline():
         return HubError(
-            f"{where} is not a local folder nor in the Hugging Face cache, and the hub is switched off "
-            f"(HF_HUB_OFFLINE=1): {replace}, or download it first where the hub is reachable (hf download {name})"
+            f"{where} is not {local} nor in the Hugging Face cache, and the hub is switched off "
+            f"(HF_HUB_OFFLINE=1): {replace}, or download it first where the hub is reachable ({download})"
         )
     if names & {"RepositoryNotFoundError", "GatedRepoError", "DatasetNotFoundError", "RevisionNotFoundError"}:
         return HubError(
@@ -90,18 +92,21 @@ def explain(name: str | Path, given_by: str, what: str, exc: BaseException) -> H
         "connect" in str(exc).lower() or "couldn't reach" in str(exc).lower()
     ):
         return HubError(
-            f"{where} is not a local folder nor in the Hugging Face cache, and the hub ({endpoint}) cannot be "
-            f"reached: {replace}, or download it first where the hub is reachable (hf download {name})"
+            f"{where} is not {local} nor in the Hugging Face cache, and the hub ({endpoint}) cannot be "
+            f"reached: {replace}, or download it first where the hub is reachable ({download})"
         )
     return HubError(f"cannot load {where}: {_first_line(exc)}")
 
 
-def _is_loading_error(exc: BaseException) -> bool:
+def _is_loading_error(exc: BaseException, name: str | Path) -> bool:
     # transformers, datasets and huggingface_hub report a missing or unreachable source as an OSError
     # (ConnectionError, FileNotFoundError, HfHubHTTPError, ...) and a malformed hub id as huggingface_hub's
-    # HFValidationError, a ValueError
-    return isinstance(exc, OSError) or (
-        isinstance(exc, ValueError) and type(exc).__module__.startswith("huggingface_hub")
+    # HFValidationError, a ValueError; a local folder that holds no model ("Unrecognized model in ...")
+    # is a ValueError of transformers
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, ValueError) and (
+        type(exc).__module__.startswith("huggingface_hub") or Path(name).expanduser().exists()
     )
 
 
@@ -113,7 +118,7 @@ def loading(name: str | Path, given_by: str, what: str = "model") -> Iterator[No
     except HubError:
         raise
     except Exception as exc:
-        if not _is_loading_error(exc):
+        if not _is_loading_error(exc, name):
             raise
         raise explain(name, given_by, what, exc) from exc
 

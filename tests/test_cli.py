@@ -59,7 +59,7 @@ USER_ERRORS: list[tuple[str, list[str], str]] = [
      "environment variable CLI_TEST_NO_KEY is unset"),
     ("alignment.evaluation.select_pku_balanced", ["--source", "{bad_jsonl}"], "bad.jsonl:1: not JSON"),
     ("alignment.evaluation.select_pku_balanced", ["--source", "no-org/no-dataset", "--out-dir", "{tmp}"],
-     "'no-org/no-dataset' (--source) is not a local folder"),
+     "'no-org/no-dataset' (--source) is not a local file or folder"),
     # figures
     ("alignment.visualization.plot_reward_cost_grid", ["--input", "{tmp}/none"], "no such model comparisons"),
     ("alignment.visualization.plot_safety_ratios", ["--input", "{tmp}"], "no models in"),
