@@ -25,5 +25,7 @@ def on_files(files: Files, config) -> Files:
     readme = Path(config.config_file_path).parent / "README.md"
     if files.get_file_from_path("index.md") is not None:
         raise ValueError("docs/index.md exists: the home page is README.md (scripts/mkdocs_hooks.py)")
-    files.append(File.generated(config, "index.md", content=readme_as_home(readme.read_text(encoding="utf-8"))))
+    files.append(
+        File.generated(config, "index.md", content=readme_as_home(readme.read_text(encoding="utf-8")))
+    )
     return files

@@ -167,3 +167,37 @@ def test_runnable_block(block, scratch, tmp_path_factory, toy_models, request):
         _, err = proc.communicate()
         pytest.fail(f"{block.id} ran past its {block.timeout} s (timeout=SECONDS raises it):\n{err[-3000:]}")
     assert proc.returncode == 0, f"{block.id} failed ({proc.returncode}):\n{block.body}\n{err[-3000:]}"
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, module, --flags) of every ``python -m alignment...`` / ``python alignment/....py`` command in
+    the shell blocks of README.md and docs/, marked runnable or not (continuation lines joined)."""
+    out = []
+    for page in PAGES:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                for part in re.split(r"&&|\|\||;|\|", line.split(" #")[0]):
+                    m = re.search(r"python3? (?:-m (alignment\S*)|(alignment/\S+)\.py)(.*)", part)
+                    if m:
+                        module = m[1] or m[2].replace("/", ".")
+                        out.append((page.name, module, re.findall(r"(?<!\S)(--[\w-]+)", m[3])))
+    return out
+
+
+def test_documented_flags_exist(monkeypatch, capsys):
+    """Commands with placeholders cannot run, but their flags can be checked: each must appear in
+    its CLI's --help (GRPO also takes any GRPOConfig field as --key)."""
+    from alignment.grpo.config import grpo_config_fields
+    from tests.test_cli import run_module
+
+    known: dict[str, set[str]] = {}
+    unknown = []
+    for page, module, flags in documented_commands():
+        if module not in known:
+            capsys.readouterr()
+            assert run_module(module, ["--help"], monkeypatch) == 0, module
+            known[module] = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+            if module == "alignment.grpo.train_grpo_alignment":
+                known[module] |= {f"--{name}" for name in grpo_config_fields()}
+        unknown += [f"{page}: {module} {flag}" for flag in flags if flag not in known[module]]
+    assert len(known) >= 10 and not unknown
