@@ -109,8 +109,6 @@ for ((i = 0; i < ${#given[@]}; i++)); do
     esac
 done
 
-wait_for_scorer "${SCORER_ADDRESS_FILE}" "${SCORER_WAIT_S}"
-
 args=()
 [[ -z "${ES_CONFIG}" ]] || args+=(--config "${ES_CONFIG}")
 [[ -z "${RESUME}" ]] || args+=(--resume "${RESUME}")
@@ -122,10 +120,11 @@ args+=(
 mkdir -p "${EXPERIMENT_DIR}"
 summary="engines=${NUM_ENGINES} backend=${BACKEND} executor=${EXECUTOR} policy=${policy} (from ${policy_from})"
 summary+=" experiment_dir=${EXPERIMENT_DIR}${RESUME:+ resume=${RESUME}}"
+log "${summary}"
+wait_for_scorer "${SCORER_ADDRESS_FILE}" "${SCORER_WAIT_S}"
 
 if ((num_nodes == 1)); then
     cmd=("${python_bin}" -m alignment.es.train_es_alignment "${args[@]}" "${given[@]}")
-    log "${summary}"
     log "running: ${cmd[*]}"
     exec "${cmd[@]}"
 fi
@@ -145,7 +144,7 @@ trap on_signal TERM INT HUP
 ray_cluster_start
 ray_cluster_wait
 cmd=("${python_bin}" -m alignment.es.train_es_alignment "${args[@]}" --ray_address "${ray_address}" "${given[@]}")
-log "${summary} nodes=${num_nodes} (${ray_nodes[*]}) engines_per_node=${ENGINES_PER_NODE} ray=${ray_address}"
+log "nodes=${num_nodes} (${ray_nodes[*]}) engines_per_node=${ENGINES_PER_NODE} ray=${ray_address}"
 log "running: ${cmd[*]}"
 # In the background, so that a signal reaches the trap at once instead of after the trainer.
 "${cmd[@]}" &

@@ -40,7 +40,9 @@ def missing_reason() -> str | None:
     path = os.environ.get("PATH", "") + os.pathsep + SBIN
     absent = [p for p in PROGRAMS if shutil.which(p, path=path) is None]
     if absent:
-        return f"SLURM is not installed ({', '.join(absent)} missing; `make test` installs slurm-wlm and munge)"
+        return (
+            f"SLURM is not installed ({', '.join(absent)} missing; `make test` installs slurm-wlm and munge)"
+        )
     if os.geteuid() != 0:
         return "the test cluster's slurmd must run as root to launch jobs (CI runs as root)"
     return None

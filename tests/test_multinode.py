@@ -19,9 +19,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from tests.slurm_cluster import NODE_ADDRS, SlurmCluster, free_port, missing_reason
+from tests.slurm_cluster import FINISHED, NODE_ADDRS, SlurmCluster, free_port, missing_reason
 
 JOB_TIMEOUT = 600
 
@@ -58,7 +60,8 @@ def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RAY_AUTH_MODE="disabled", CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME="lo",
-               LOG_DIR=str(tmp_path / "logs"), RDZV_PORT=str(free_port()), **extra)  # fmt: skip
+               LOG_DIR=str(tmp_path / "logs"), RDZV_PORT=str(free_port()), ALIGNMENT_TEST_JOB=uuid.uuid4().hex,
+               **extra)  # fmt: skip
     return env
 
 
@@ -72,28 +75,32 @@ def run_job(cluster: SlurmCluster, tmp_path: Path, script: str, *args: str, node
     info = cluster.job(job)
     assert state == "COMPLETED", f"job {job}: {state} {info.get('ExitCode')}\n{text[-6000:]}"
     assert info["NodeList"] == ("n[1-2]" if nodes == 2 else "n1")
+    assert_nothing_left(env)
     return text
 
 
-def ray_processes(marker: Path) -> list[str]:
-    """Live processes whose command line names ``marker`` (a job's Ray temp dir): its raylets, GCS,
-    workers and `ray start`."""
+def job_processes(marker: str) -> list[str]:
+    """Live processes started by a job submitted with ``ALIGNMENT_TEST_JOB=marker`` in its environment,
+    which every process of the job inherits: the script, srun tasks, `ray start`, raylets, GCS, the
+    actors (whose command line Ray rewrites to ``ray::EngineActor``), trainers, torchrun ranks."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if str(marker) in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(f"{proc.pid} {cmd[:160]}")
+            if (
+                proc.info["status"] != psutil.STATUS_ZOMBIE
+                and proc.environ().get("ALIGNMENT_TEST_JOB") == marker
+            ):
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:160]}")
         except psutil.Error:
             continue
     return found
 
 
-def assert_no_ray_left(marker: Path, timeout: float = 30) -> None:
+def assert_nothing_left(env: dict[str, str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while (left := ray_processes(marker)) and time.monotonic() < deadline:
+    while (left := job_processes(env["ALIGNMENT_TEST_JOB"])) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, "Ray processes outlived the job:\n" + "\n".join(left)
+    assert not left, "processes outlived the job:\n" + "\n".join(left)
 
 
 # -- ES across nodes (Ray) -------------------------------------------------------------------------
@@ -121,11 +128,13 @@ def test_es_on_a_two_node_ray_cluster(cluster, toy_models, scorer, tmp_path, sho
     assert sorted(e["node_ip"] for e in placement["engines"]) == list(NODE_ADDRS)
     metrics = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     per_iteration = [m for m in metrics if "engines/members_min" in m]
-    assert len(per_iteration) == 2 and all(m["engines/members_min"] >= 1 for m in per_iteration)  # both worked
+    assert len(per_iteration) == 2 and all(
+        m["engines/members_min"] >= 1 for m in per_iteration
+    )  # both worked
     assert len((run / "replay.jsonl").read_text().splitlines()) == 2
     assert json.loads((run / "logs" / "final_eval_results.json").read_text())["iterations"] == 2
     assert "stopping the Ray cluster" in out
-    assert_no_ray_left(short_tmp)
+    assert_nothing_left(env)
 
 
 def test_es_node_that_never_joins_is_named_and_nothing_is_left(cluster, toy_models, scorer, tmp_path,
@@ -138,8 +147,8 @@ def test_es_node_that_never_joins_is_named_and_nothing_is_left(cluster, toy_mode
     assert cluster.wait(job, JOB_TIMEOUT) == "FAILED"
     out = out_file.read_text()
     assert re.search(rf"node\(s\) n2 \({re.escape(NODE_ADDRS[1])}\) never joined", out), out[-3000:]
-    assert "the Ray cluster did not come up" in out and not (tmp_path / "es").exists()
-    assert_no_ray_left(short_tmp)
+    assert "the Ray cluster did not come up" in out and not list((tmp_path / "es").glob("alignment_*"))
+    assert_nothing_left(env)
 
 
 def test_es_cancelled_mid_run_leaves_no_ray_process_and_loses_no_iteration(cluster, toy_models, scorer, tmp_path,
@@ -147,17 +156,21 @@ def test_es_cancelled_mid_run_leaves_no_ray_process_and_loses_no_iteration(clust
     env = es_env(tmp_path, short_tmp, toy_models, scorer)
     job = cluster.sbatch("slurm/train_accl_alignment_api.sh", "--num_iterations", "500", *ES_TINY, nodes=2,
                          env=env, cwd=REPO, output=tmp_path / "cancel.out")  # fmt: skip
+    assert cluster.wait(job, 120, until={"RUNNING", *FINISHED}) == "RUNNING"
     deadline = time.monotonic() + JOB_TIMEOUT
     replay: list[str] = []
-    while len(replay) < 1:
-        assert cluster.state(job) == "RUNNING" and time.monotonic() < deadline, (tmp_path / "cancel.out").read_text()
+    while len(replay) < 1:  # until an iteration is committed
+        assert cluster.state(job) == "RUNNING" and time.monotonic() < deadline, (
+            tmp_path / "cancel.out"
+        ).read_text()
         runs = list((tmp_path / "es").glob("alignment_*/replay.jsonl"))
         replay = runs[0].read_text().splitlines() if runs else []
         time.sleep(0.5)
-    assert ray_processes(short_tmp)  # the cluster is up: the check below can see something
+    running = job_processes(env["ALIGNMENT_TEST_JOB"])
+    assert sum("EngineActor" in p for p in running) == 2 and any("raylet" in p for p in running)  # seen
     cluster.scancel(job)
     assert cluster.wait(job, 120) == "CANCELLED"
-    assert_no_ray_left(short_tmp)
+    assert_nothing_left(env)
     [run] = (tmp_path / "es").glob("alignment_*")
     entries = [json.loads(x) for x in (run / "replay.jsonl").read_text().splitlines() if x.strip()]
     assert len(entries) >= len(replay) and [e["iteration"] for e in entries] == list(range(len(entries)))
@@ -172,7 +185,9 @@ def test_grpo_two_accelerate_machines_keep_lambda_in_step(cluster, toy_models, s
     overrides = [f"model_name={toy_models / 'policy'}", "max_steps=2", "eval_every=0", "save_steps=100",
                  "per_device_train_batch_size=8", "max_completion_length=8", "lambda_lr=0.5"]  # fmt: skip
     out = run_job(cluster, tmp_path, "alignment/grpo/run_grpo_alignment.sh", *overrides, env=env)
-    assert "--num_machines 2 --machine_rank {node_rank}" in out and f"--main_process_ip {NODE_ADDRS[0]}" in out
+    assert (
+        "--num_machines 2 --machine_rank {node_rank}" in out and f"--main_process_ip {NODE_ADDRS[0]}" in out
+    )
     lam = {(int(s), int(r)): v for s, v, r in re.findall(r"step (\d+): λ=(\S+) \(rank (\d) of 2\)", out)}
     assert sorted(lam) == [(1, 0), (1, 1), (2, 0), (2, 1)], out[-4000:]
     for step in (1, 2):
@@ -193,15 +208,19 @@ def test_persona_two_nodes_equal_one_node_two_processes(cluster, persona_toy, tm
         out = run_job(cluster, tmp_path, "slurm/train_persona.sh", *flags, "--reader_rl_learning", "--use_grpo",
                       nodes=nodes, env=job_env(tmp_path, NUM_PROCESSES=per_node))  # fmt: skip
         assert "data parallel over 2 processes" in out
-        results[nodes] = load_file(str(cfg.run_dir / "checkpoint" / "latest" / "reader" / "model.safetensors"))
-    assert "--node_rank={node_rank}" in out or nodes == 1
+        assert ("--node_rank={node_rank}" in out) == (nodes == 2)  # one torchrun per node, or --standalone
+        results[nodes] = load_file(
+            str(cfg.run_dir / "checkpoint" / "latest" / "reader" / "model.safetensors")
+        )
     start = load_file(str(persona_toy / "reader" / "model.safetensors"))
     assert any(not torch.equal(start[k], results[2][k]) for k in start)  # it trained
     assert results[2].keys() == results[1].keys()
     assert all(torch.equal(results[2][k], results[1][k]) for k in results[1])
 
 
-def test_char_diffusion_two_nodes_equal_one_node_two_processes(cluster, char_diffusion_models, tmp_path) -> None:
+def test_char_diffusion_two_nodes_equal_one_node_two_processes(
+    cluster, char_diffusion_models, tmp_path
+) -> None:
     from alignment.char_diffusion.checkpoint import read_checkpoint
 
     m = char_diffusion_models
@@ -220,3 +239,40 @@ def test_char_diffusion_two_nodes_equal_one_node_two_processes(cluster, char_dif
     start = read_checkpoint(m["generator"])["model"]
     assert any(not torch.equal(start[k], weights[2][k]) for k in start)
     assert all(torch.equal(weights[2][k], weights[1][k]) for k in weights[1])
+
+
+# -- pieces that need no SLURM ---------------------------------------------------------------------
+def test_join_timeout_names_the_missing_node(tmp_path, short_tmp) -> None:
+    """A real Ray head alone at 127.0.0.11; n2 never comes: after --timeout one line names it, exit 2.
+    (The SLURM tests cover the other paths: all nodes joined, and a worker that exits at once.)"""
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--node-ip-address", NODE_ADDRS[0], "--port", str(port), "--num-cpus", "1",
+                             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(short_tmp)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait = [sys.executable, "-m", "alignment.es.ray_cluster", "--address", f"{NODE_ADDRS[0]}:{port}",
+                "--node", f"n1={NODE_ADDRS[0]}"]  # fmt: skip
+        ok = subprocess.run([*wait, "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and ok.stdout.startswith(f"n1 {NODE_ADDRS[0]} CPU=1 GPU=0"), ok.stderr[
+            -2000:
+        ]
+        bad = subprocess.run([*wait, "--node", f"n2={NODE_ADDRS[1]}", "--timeout", "1"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        assert f"node(s) n2 ({NODE_ADDRS[1]}) did not join within 1 s" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def test_engines_that_cannot_all_be_placed_are_refused() -> None:
+    from alignment.es.ray_executor import require_capacity
+
+    require_capacity({"CPU": 2.0, "GPU": 2.0}, engines=2, gpus_each=1, address="h:1")
+    with pytest.raises(ValueError, match="3 engines need 3 CPU slots, the Ray cluster at h:1 offers 2"):
+        require_capacity({"CPU": 2.0}, engines=3, gpus_each=0, address="h:1")
+    with pytest.raises(ValueError, match="4 engines need 4 GPUs, the local Ray instance offers 2"):
+        require_capacity({"CPU": 8.0, "GPU": 2.0}, engines=4, gpus_each=1, address=None)
