@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 SBIN = "/usr/sbin"
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 NODE_ADDRS = ("127.0.0.11", "127.0.0.12")
@@ -170,6 +172,10 @@ class SlurmCluster:
             deadline = time.monotonic() + 30
             while self.jobs() and time.monotonic() < deadline:
                 time.sleep(0.5)
+        # a finished job's slurmstepd lingers a moment; its slurmd must still be there to reap it
+        deadline = time.monotonic() + 15
+        while self._steps() and time.monotonic() < deadline:
+            time.sleep(0.3)
         for proc in reversed(self.daemons):  # slurmd first, munged last
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -179,6 +185,18 @@ class SlurmCluster:
                     proc.kill()
                     proc.wait()
         self.daemons = []
+
+    def _steps(self) -> list[psutil.Process]:
+        """Live slurmstepd processes under this cluster's slurmd."""
+        steps = []
+        for proc in self.daemons:
+            if proc.args[0] == "slurmd" and proc.poll() is None:
+                try:
+                    steps += [c for c in psutil.Process(proc.pid).children(recursive=True)
+                              if c.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+                except psutil.Error:
+                    continue
+        return steps
 
     # -- jobs ------------------------------------------------------------------------------
     def sbatch(self, script: str | Path, *args: str, nodes: int, env: Mapping[str, str], cwd: Path,

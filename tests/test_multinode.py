@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -139,14 +138,16 @@ def test_es_on_a_two_node_ray_cluster(cluster, toy_models, scorer, tmp_path, sho
 
 def test_es_node_that_never_joins_is_named_and_nothing_is_left(cluster, toy_models, scorer, tmp_path,
                                                                 short_tmp) -> None:  # fmt: skip
-    # n2's `ray start` refuses an unknown flag: that node never joins
-    env = es_env(tmp_path, short_tmp, toy_models, scorer, RAY_WORKER_START_ARGS="--no-such-flag")
+    # n2's `ray start` looks for its head at an address where none listens (the last --address
+    # wins): it keeps trying and never joins, so the join timeout ends the job
+    env = es_env(tmp_path, short_tmp, toy_models, scorer, RAY_WORKER_START_ARGS=f"--address 127.0.0.1:{free_port()}",
+                 RAY_JOIN_TIMEOUT_S="5")  # fmt: skip
     out_file = tmp_path / "never.out"
     job = cluster.sbatch("slurm/train_accl_alignment_api.sh", "--num_iterations", "1", *ES_TINY, nodes=2,
                          env=env, cwd=REPO, output=out_file)  # fmt: skip
     assert cluster.wait(job, JOB_TIMEOUT) == "FAILED"
     out = out_file.read_text()
-    assert re.search(rf"node\(s\) n2 \({re.escape(NODE_ADDRS[1])}\) never joined", out), out[-3000:]
+    assert f"node(s) n2 ({NODE_ADDRS[1]}) did not join within 5 s" in out, out[-3000:]
     assert "the Ray cluster did not come up" in out and not list((tmp_path / "es").glob("alignment_*"))
     assert_nothing_left(env)
 
@@ -242,32 +243,6 @@ def test_char_diffusion_two_nodes_equal_one_node_two_processes(
 
 
 # -- pieces that need no SLURM ---------------------------------------------------------------------
-def test_join_timeout_names_the_missing_node(tmp_path, short_tmp) -> None:
-    """A real Ray head alone at 127.0.0.11; n2 never comes: after --timeout one line names it, exit 2.
-    (The SLURM tests cover the other paths: all nodes joined, and a worker that exits at once.)"""
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                             "--node-ip-address", NODE_ADDRS[0], "--port", str(port), "--num-cpus", "1",
-                             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(short_tmp)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        wait = [sys.executable, "-m", "alignment.es.ray_cluster", "--address", f"{NODE_ADDRS[0]}:{port}",
-                "--node", f"n1={NODE_ADDRS[0]}"]  # fmt: skip
-        ok = subprocess.run([*wait, "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
-        assert ok.returncode == 0 and ok.stdout.startswith(f"n1 {NODE_ADDRS[0]} CPU=1 GPU=0"), ok.stderr[
-            -2000:
-        ]
-        bad = subprocess.run([*wait, "--node", f"n2={NODE_ADDRS[1]}", "--timeout", "1"], env=env,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert bad.returncode == 2, bad.stderr[-2000:]
-        assert f"node(s) n2 ({NODE_ADDRS[1]}) did not join within 1 s" in bad.stderr
-        assert "Traceback" not in bad.stderr
-    finally:
-        head.terminate()
-        head.wait(timeout=60)
-
-
 def test_engines_that_cannot_all_be_placed_are_refused() -> None:
     from alignment.es.ray_executor import require_capacity
 

@@ -146,8 +146,10 @@ if [[ "${VLLM_MODE}" == server ]]; then
         export CUDA_VISIBLE_DEVICES
         NUM_PROCESSES=$((gpus - server_gpus))
     fi
-    server_cmd+=("${vllm_python}" -m trl.cli.main vllm-serve --model "${model}" --host 0.0.0.0
-        --port "${VLLM_SERVER_PORT}" --tensor-parallel-size "${server_gpus}" "${server_extra[@]}")
+    # `trl vllm-serve` of the server's interpreter (its own environment, whatever its bin/ holds)
+    server_cmd+=("${vllm_python}" -c 'import sys; from trl.cli.main import main; sys.argv[0] = "trl"; sys.exit(main())'
+        vllm-serve --model "${model}" --host 0.0.0.0 --port "${VLLM_SERVER_PORT}"
+        --tensor_parallel_size "${server_gpus}" "${server_extra[@]}")
     log "vLLM server (trl vllm-serve) for ${model} at ${server_host}:${VLLM_SERVER_PORT} on ${server_gpus} GPU(s)"
     log "running: ${server_cmd[*]}"
     "${server_cmd[@]}" &
