@@ -245,3 +245,14 @@ def test_es_script_logs_the_policy_the_trainer_uses(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 1 and "no healthy scorer" in proc.stderr  # stops before training
         assert f" policy={policy} (from " in proc.stderr, (settings, proc.stderr)
+
+
+def test_grpo_server_mode_settings_are_checked(scorer, tmp_path: Path) -> None:
+    env = _env(tmp_path, CONFIG="alignment/grpo/grpo_toy.yaml", SCORER_ADDRESS_FILE=str(scorer.address_file),
+               SCORER_WAIT_S="60", OUTPUT_ROOT=str(tmp_path / "grpo"), BETAS="0.0")  # fmt: skip
+    for mode, message in (("colocated", "VLLM_MODE must be server or empty"),
+                          ("server", "VLLM_MODE=server on one node needs VLLM_SERVER_GPUS=1 GPUs")):  # fmt: skip
+        proc = subprocess.run(["bash", "alignment/grpo/run_grpo_alignment.sh"], cwd=REPO,
+                              env={**env, "VLLM_MODE": mode}, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "grpo").exists()  # nothing started
