@@ -111,18 +111,25 @@ rendezvous_port() {
     echo "${port}"
 }
 
+# step_flags: srun flags giving a step the job's CPUs and GPUs on each of its nodes, one a line:
+# srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05), and the GPUs are named too so
+# that no site default leaves a step without them.
+step_flags() {
+    [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || echo "--cpus-per-task=${SLURM_CPUS_PER_TASK}"
+    if [[ "${SLURM_GPUS_ON_NODE:-0}" =~ ^[1-9][0-9]*$ ]]; then echo "--gres=gpu:${SLURM_GPUS_ON_NODE}"; fi
+}
+
 # on_first_nodes K CMD...: runs CMD once on each of the job's first K nodes through srun (one task
 # per node, output lines prefixed with the task's rank); the word {node_rank} in CMD becomes that
 # node's rank (SLURM_NODEID: 0 on the first node, K-1 on the last of them). When one task fails,
-# srun ends the others. srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): it is
-# passed on explicitly.
+# srun ends the others.
 on_first_nodes() {
-    local k="$1" nodelist
+    local k="$1" nodelist res
     shift
     nodelist="$(job_nodes | head -n "${k}" | paste -sd ,)"
+    mapfile -t res < <(step_flags)
     local step=(srun "--nodes=${k}" "--ntasks=${k}" --ntasks-per-node=1 "--nodelist=${nodelist}"
-        --kill-on-bad-exit=1 --label)
-    [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || step+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
+        --kill-on-bad-exit=1 --label "${res[@]}")
     # shellcheck disable=SC2016  # expanded by the task's bash, on its node
     "${step[@]}" bash -c 'exec "${@//\{node_rank\}/${SLURM_NODEID}}"' on_first_nodes "$@"
 }

@@ -44,9 +44,10 @@ ray_cluster_start() {
     ray_head_pid=$!
     ray_workers_pid=""
     if ((n > 1)); then
+        local res
+        mapfile -t res < <(step_flags)
         local step=(srun "--nodes=$((n - 1))" "--ntasks=$((n - 1))" --ntasks-per-node=1 "--exclude=${nodes[0]}"
-            --kill-on-bad-exit=0 --label)
-        [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || step+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
+            --kill-on-bad-exit=0 --label "${res[@]}")
         "${step[@]}" bash slurm/ray_cluster.sh --join "${ray_address}" \
             "${ray_node_args[@]}" "${ray_worker_extra[@]}" \
             >"${ray_log_dir}/ray_${tag}_workers.log" 2>&1 &

@@ -128,8 +128,8 @@ if [[ "${VLLM_MODE}" == server ]]; then
         server_host="$(node_addr "${server_node}")"
         server_gpus="$(visible_gpus)"
         ((server_gpus >= 1)) || server_gpus=1
-        server_cmd=(srun --nodes=1 --ntasks=1 "--nodelist=${server_node}" --kill-on-bad-exit=1 --label)
-        [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || server_cmd+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
+        mapfile -t res < <(step_flags)
+        server_cmd=(srun --nodes=1 --ntasks=1 "--nodelist=${server_node}" --kill-on-bad-exit=1 --label "${res[@]}")
     else
         # one node: the first VLLM_SERVER_GPUS GPUs serve, the others train
         server_gpus="${VLLM_SERVER_GPUS:-1}"
