@@ -56,7 +56,10 @@ def wait_for_nodes(
     the missing nodes on timeout or when a process in ``watch_pids`` has exited."""
     import ray
 
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as exc:  # the head never came up
+        raise cli.UserError(f"no Ray head answers at {address} ({exc}); see the job's ray head log") from exc
     try:
         deadline = time.monotonic() + timeout
         while True:
