@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TEST_ENV := $(OFFLINE) OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled ALIGNMENT_TEST_MODELS=$(CURDIR)/models/toy-test
 
-.PHONY: setup setup-vllm setup-slurm demo test test-main test-vllm lint format bench clean-models
+.PHONY: setup setup-vllm setup-slurm demo test test-main test-vllm lint format docs bench clean-models
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -49,6 +49,11 @@ lint: setup
 
 format: setup
 	$(PY) -m ruff format alignment tests bench
+
+# The documentation site (docs/ + README.md as its home page) into site/; strict: a warning (a broken
+# link, a page missing from the nav) is an error. CI builds it too (tests/test_docs.py).
+docs: setup
+	$(PY) -m mkdocs build --strict
 
 bench: setup
 	$(OFFLINE) $(PY) bench/scorer_throughput.py
