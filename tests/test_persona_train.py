@@ -155,7 +155,7 @@ def test_resume_guards(persona_toy, sft, tmp_path):
     changed = toy_cfg(persona_toy, cfg.checkpoint_dir, "sft", total_steps=4, save_freq=2, lr=0.5)
     with pytest.raises(ConfigError, match=r"lr \(0.001 -> 0.5\)"):
         train(changed, resume=True)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         train(toy_cfg(persona_toy, tmp_path, "none"), resume=True)
 
 

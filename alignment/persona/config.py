@@ -24,7 +24,7 @@ class PersonaConfig:
     name: str = field(
         default="experiment_name", metadata=_help("run name: checkpoints in checkpoint_dir/name")
     )
-    checkpoint_dir: str = "./checkpoint/"
+    checkpoint_dir: str = field(default="logs/persona", metadata=_help("runs go to checkpoint_dir/name"))
     model_path: str | None = field(
         default=None, metadata=_help("checkpoint folder (…/checkpoint/step-N or latest) to start from")
     )

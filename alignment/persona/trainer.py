@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from alignment.atomic import write_text
+from alignment.cli import UserError
 from alignment.config import ConfigError
 from alignment.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, wrap
 from alignment.persona import checkpoint as ckpt
 from alignment.persona.config import RESUME_MUTABLE, PersonaConfig
-from alignment.persona.data import load_examples, load_passages
+from alignment.persona.data import DataError, load_examples, load_passages
 from alignment.persona.evaluate import evaluate, format_records
 from alignment.persona.hashing import weights_hash
 from alignment.persona.index import load_index, load_or_build_index
@@ -40,6 +41,11 @@ from alignment.rng import rng_state, set_rng_state
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
+
+
+class RunExistsError(UserError, FileExistsError):
+    """The run folder already holds checkpoints and ``--resume`` was not given."""
+
 
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "fixed": "constant_with_warmup"}
 
@@ -80,11 +86,13 @@ class PersonaTrainer:
         self.passages = load_passages(cfg.passages)
         global_batch = cfg.per_gpu_batch_size * self.dist.world_size
         if len(self.examples) < global_batch:
-            raise ValueError(
+            raise DataError(
                 f"{cfg.train_data}: {len(self.examples)} rows, fewer than one batch ({global_batch})"
             )
         if cfg.retriever_n_context > len(self.passages):
-            raise ValueError(f"retriever_n_context {cfg.retriever_n_context} > {len(self.passages)} passages")
+            raise ConfigError(
+                f"retriever_n_context {cfg.retriever_n_context} > {len(self.passages)} passages"
+            )
 
         self.reader_optim = self._optim(self.reader, cfg.lr)
         self.retriever_optim = self._optim(self.retriever, cfg.lr_retriever) if cfg.train_retriever else None
@@ -105,10 +113,10 @@ class PersonaTrainer:
             self.reference = _frozen(FiDReader.from_pretrained(source).to(device))
             digest = weights_hash(self.reference)
             if state and digest != state["reference"]["sha256"]:
-                raise ValueError(f"reference {source} changed since the run started (sha256 {digest[:12]}, "
+                raise ConfigError(f"reference {source} changed since the run started (sha256 {digest[:12]}, "
                                  f"was {state['reference']['sha256'][:12]})")  # fmt: skip
             if self.reference.config.vocab_size != self.reader.config.vocab_size:
-                raise ValueError(f"reference {source} has another vocabulary than the reader")
+                raise ConfigError(f"reference {source} has another vocabulary than the reader")
             self.reference_info = {"source": source, "sha256": digest}
             logger.info("reference model %s (frozen), sha256 %s", source, digest)
 
@@ -134,10 +142,10 @@ class PersonaTrainer:
         latest = ckpt.latest_checkpoint(self.cfg.run_dir)
         if resume:
             if latest is None:
-                raise FileNotFoundError(f"--resume: {self.cfg.run_dir} has no checkpoint/latest")
+                raise ConfigError(f"--resume: {self.cfg.run_dir} has no checkpoint/latest")
             return latest
         if latest is not None:
-            raise FileExistsError(f"{self.cfg.run_dir} already has checkpoints: pass --resume to continue it, "
+            raise RunExistsError(f"{self.cfg.run_dir} already has checkpoints: pass --resume to continue it, "
                                   "or choose another --name")  # fmt: skip
         return None
 
@@ -176,7 +184,7 @@ class PersonaTrainer:
                               + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))  # fmt: skip
         state = ckpt.load_state(step_dir)
         if state["world_size"] != self.dist.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{step_dir} was written by {state['world_size']} processes, not {self.dist.world_size}"
             )
         self.reader_optim.optimizer.load_state_dict(state["optimizers"]["reader"])
