@@ -57,7 +57,7 @@ def _table(rows: dict[str, list[dict]], keys) -> list[str]:
 def run_recipe(
     runs: str | Path, prepared: str | Path, seeds: list[int], sft_steps: int, rl_steps: int,
     config: str | Path = RECIPE, overrides: dict | None = None, data: str | Path | None = None,
-    rl_batch: int = 4, rl_lr: float = 1e-4,
+    rl_batch: int = 4, rl_lr: float = 3e-4,
 ) -> str:  # fmt: skip
     """Run everything; returns the report (also written to ``runs/REPORT.md``)."""
     from alignment.persona.prepare import prepare
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft_steps", type=int, default=300, help="SFT steps per seed")
     p.add_argument("--rl_steps", type=int, default=50, help="GRPO and REINFORCE steps per seed")
     p.add_argument("--rl_batch", type=int, default=4, help="GRPO rows per step (REINFORCE: 4x)")
-    p.add_argument("--rl_lr", type=float, default=1e-4, help="RL learning rate")
+    p.add_argument("--rl_lr", type=float, default=3e-4, help="RL learning rate")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
