@@ -42,8 +42,10 @@ RL = {
 
 
 def _stat(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+    """mean ± sample std over seeds; one value as it is."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def _table(rows: dict[str, list[dict]], keys) -> list[str]:
