@@ -73,7 +73,8 @@ def run_recipe(
         prepare(data, prepared)
     info = json.loads((prepared / "PREPARED.json").read_text(encoding="utf-8"))
     paths = {"reader_model_type": str(prepared / "reader"), "train_data": str(prepared / "data" / "train.jsonl"),
-             "eval_data": str(prepared / "data" / "valid.jsonl"), "passages": info["passages"],
+             "eval_data": str(prepared / "data" / "valid.jsonl"),
+             "passages": str(prepared / "data" / Path(info["passages"]).name),  # wherever prepare ran
              "checkpoint_dir": str(runs), "save_index_path": str(runs / "index")}  # fmt: skip
     # (one index cache for all runs: keyed by the retriever's weights and the corpus, so shared safely)
     base = {**paths, **(overrides or {})}
