@@ -56,6 +56,47 @@ def _table(rows: dict[str, list[dict]], keys) -> list[str]:
     return out
 
 
+def _report(cfg, info: dict, results: dict[str, list[dict]], samples: dict[str, list[dict]],
+            seconds: dict[str, list[float]], seeds: list[int], steps: tuple, wall: float) -> str:  # fmt: skip
+    """REPORT.md: the set-up, mean ± std over ``seeds``, per seed, and sample replies."""
+    sft_steps, rl_steps, rl_batch, rl_lr = steps
+    lines = [
+        f"ConvAI2 offline recipe: {info['rows']['train']} training rows of {info['personas']['train']} personas; "
+        f"held-out evaluation on {cfg.eval_max_examples or info['rows']['valid']} rows of "
+        f"{info['personas']['valid']} unseen personas (greedy replies). Corpus: {info['corpus']}.",
+        f"Reader: {info['reader']['parameters'] / 1e6:.2f} M parameters, vocabulary {info['reader']['vocab']}; "
+        f"retriever {cfg.retriever_model_path} (frozen), {cfg.n_context} passages read.",
+        f"SFT {sft_steps} steps × {cfg.per_gpu_batch_size} rows; GRPO (G = {GROUP}) on {rl_batch} rows and "
+        f"REINFORCE (leave-one-out baseline) on {GROUP * rl_batch} rows per step, {rl_steps} steps, lr {rl_lr}; "
+        f"seeds {seeds}. Wall time {wall / 60:.1f} min "
+        f"(SFT {_stat(seconds['SFT'])} s, GRPO {_stat(seconds['GRPO'])} s, "
+        f"REINFORCE {_stat(seconds['REINFORCE'])} s per run).",
+        "",
+        "Mean ± std over seeds:",
+        "",
+        *_table(results, METRICS),
+        "",
+        "Per seed:",
+        "",
+        *_table(
+            {
+                f"{label} seed {seed}": [e]
+                for label, evals in results.items()
+                if label != "untrained"
+                for seed, e in zip(seeds, evals, strict=True)
+            },
+            METRICS,
+        ),  # fmt: skip
+        "",
+        f"Sample replies (seed {seeds[0]}, the first held-out rows):",
+        "",
+    ]
+    for i, first in enumerate(samples["SFT"]):
+        lines += [f"- context: {first['context'][-160:]}", f"  - gold: {first['gold']}"]
+        lines += [f"  - {label}: {samples[label][i]['response']}" for label in ("SFT", "GRPO", "REINFORCE")]
+    return "\n".join(lines) + "\n"
+
+
 def run_recipe(
     runs: str | Path, prepared: str | Path, seeds: list[int], sft_steps: int, rl_steps: int,
     config: str | Path = RECIPE, overrides: dict | None = None, data: str | Path | None = None,
@@ -104,43 +145,10 @@ def run_recipe(
             seconds[label].append(time.monotonic() - start)
             results[label].append(out["eval"][-1])
             samples.setdefault(label, out["examples"])
-    cfg = load_persona_config(config, base)
-    lines = [
-        f"ConvAI2 offline recipe: {info['rows']['train']} training rows of {info['personas']['train']} personas; "
-        f"held-out evaluation on {cfg.eval_max_examples or info['rows']['valid']} rows of "
-        f"{info['personas']['valid']} unseen personas (greedy replies). Corpus: {info['corpus']}.",
-        f"Reader: {info['reader']['parameters'] / 1e6:.2f} M parameters, vocabulary {info['reader']['vocab']}; "
-        f"retriever {cfg.retriever_model_path} (frozen), {cfg.n_context} passages read.",
-        f"SFT {sft_steps} steps × {cfg.per_gpu_batch_size} rows; GRPO (G = {GROUP}) on {rl_batch} rows and "
-        f"REINFORCE (leave-one-out baseline) on {GROUP * rl_batch} rows per step, {rl_steps} steps, lr {rl_lr}; "
-        f"seeds {seeds}. Wall time {(time.monotonic() - t0) / 60:.1f} min "
-        f"(SFT {_stat(seconds['SFT'])} s, GRPO {_stat(seconds['GRPO'])} s, "
-        f"REINFORCE {_stat(seconds['REINFORCE'])} s per run).",
-        "",
-        "Mean ± std over seeds:",
-        "",
-        *_table(results, METRICS),
-        "",
-        "Per seed:",
-        "",
-        *_table(
-            {
-                f"{label} seed {seed}": [e]
-                for label, evals in results.items()
-                if label != "untrained"
-                for seed, e in zip(seeds, evals, strict=True)
-            },
-            METRICS,
-        ),  # fmt: skip
-        "",
-        f"Sample replies (seed {seeds[0]}, the first held-out rows):",
-        "",
-    ]
-    for i, first in enumerate(samples["SFT"]):
-        lines += [f"- context: {first['context'][-160:]}", f"  - gold: {first['gold']}"]
-        lines += [f"  - {label}: {samples[label][i]['response']}" for label in ("SFT", "GRPO", "REINFORCE")]
-    report = "\n".join(lines) + "\n"
-    write_text(runs / "REPORT.md", report)
+        done = seeds[: seeds.index(seed) + 1]  # the report so far: an interrupted recipe keeps its seeds
+        report = _report(load_persona_config(config, base), info, results, samples, seconds, done,
+                         (sft_steps, rl_steps, rl_batch, rl_lr), time.monotonic() - t0)  # fmt: skip
+        write_text(runs / "REPORT.md", report)
     return report
 
 
