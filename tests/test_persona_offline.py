@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
 from transformers import AutoTokenizer
 
 from alignment.cli import UserError
 from alignment.persona import models
-from alignment.persona.data import load_examples, load_passages
+from alignment.persona.data import Passage, load_examples, load_passages
 from alignment.persona.prepare import PrepareOptions, persona_sentences, prepare
+from alignment.persona.reader import FiDReader, sft_loss, tokenize_fid, tokenize_targets
 from alignment.persona.recipe import run_recipe
 from alignment.persona.vocab import unk_rate, warn_if_unknown
 from tests.conftest import REPO, SHARED_REFERENCE
@@ -86,6 +89,21 @@ def test_reader_tokenizer_is_t5s_trained_sentencepiece(prepared):
     ids = tok("R: <extra_id_0>", add_special_tokens=False).input_ids
     assert ids[-1] == len(tok) - 1 and tok.unk_token_id not in ids
     assert report["reader"]["held_out_unk_fraction"] == 0.0  # every character was in training
+
+
+def test_fresh_reader_starts_at_the_uniform_loss(prepared):
+    """Logits of std ~1 at initialisation: cross-entropy ≈ ln V + σ²/2 for Gaussian logits (here
+    σ² ≈ 1, spread by the RMS-normed hidden states), not the ~√d_model-std logits of transformers'
+    untied-head default (σ ≈ 5.7 at d_model 32: a loss near 16)."""
+    out, _ = prepared
+    reader = FiDReader.from_pretrained(out / "reader").eval()
+    tok = AutoTokenizer.from_pretrained(out / "reader")
+    ids, mask = tokenize_fid(tok, ["persona: i love bado stories . context: Q: hello ?"], [[Passage("1", "a")]],
+                             "{query} {text}", 64)  # fmt: skip
+    targets, tmask = tokenize_targets(tok, ["i like red , and you ?"], 16)
+    with torch.no_grad():
+        loss = float(sft_loss(reader(ids, mask, targets), targets, tmask))
+    assert math.log(len(tok)) < loss < math.log(len(tok)) + 1.5
 
 
 def test_unk_rate_is_the_real_count_and_warns_with_it(persona_toy, caplog):

@@ -120,10 +120,16 @@ def build_reader(out: Path, texts: list[str], opts: PrepareOptions):
     t5 = T5ForConditionalGeneration(T5Config(
         vocab_size=len(tokenizer), d_model=opts.d_model, d_kv=opts.d_model // opts.num_heads, d_ff=opts.d_ff,
         num_layers=opts.num_layers, num_decoder_layers=opts.num_layers, num_heads=opts.num_heads,
-        dropout_rate=0.1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
         decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     ))  # fmt: skip
+    # transformers draws an untied head at std 1 (Mesh TensorFlow's scale, meant for the tied head whose
+    # input T5 rescales by d_model^-0.5): logits of std √d_model start the loss near 45 nats and SFT
+    # crawls. At std d_model^-0.5 the logits start at std ~1, the loss near ln V.
+    torch.nn.init.normal_(
+        t5.lm_head.weight, std=opts.d_model**-0.5, generator=torch.Generator().manual_seed(opts.seed)
+    )
     t5.generation_config.max_length = None
     t5.save_pretrained(out)
     return tokenizer, sum(p.numel() for p in t5.parameters())
