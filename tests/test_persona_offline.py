@@ -182,3 +182,8 @@ def test_recipe_plumbing_on_a_tiny_slice(persona_toy, prepared, tmp_path):
         assert [r["step"] for r in evals if "eval/f1" in r] == [1]  # no evaluation before the first step
     log = (tmp_path / "grpo-seed0" / "examples.log").read_text()
     assert "passages:\n  [standin-persona-" in log  # the retrieved passages' text
+
+
+def test_a_local_folder_without_a_model_is_one_line(persona_toy):
+    with pytest.raises(UserError, match=r"--reader_model_type '.*data': cannot load it"):
+        models.load_reader(str(persona_toy / "data"))

@@ -66,14 +66,16 @@ def resolve_retriever(name: str) -> str:
 
 
 def from_hf(loader: Callable[[str], T], name: str, flag: str, hint: str) -> T:
-    """``loader(name)``; when ``name`` is no local folder and the hub cannot provide it, one line
-    naming the model and the flag that replaces it (a broken local folder keeps its own error)."""
-    if Path(name).exists():
-        return loader(name)
+    """``loader(name)``; when ``name`` is no local folder and the hub cannot provide it, or is a local
+    folder that holds no such model, one line naming the model and the flag that replaces it."""
     try:
         return loader(name)
-    except OSError as exc:  # transformers' "couldn't connect", "not a valid repo id", "not found"
+    except (OSError, ValueError) as exc:  # "couldn't connect", "not a valid repo id", "Unrecognized model"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if Path(name).exists():
+            raise UserError(f"{flag} {name!r}: cannot load it ({reason}); pass {flag} <{hint}>") from exc
+        if not isinstance(exc, OSError):
+            raise
         raise UserError(f"{flag} {name!r} is not a local folder and the Hugging Face hub cannot provide it "
                         f"({reason}); pass {flag} <{hint}>") from exc  # fmt: skip
 
