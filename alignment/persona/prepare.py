@@ -29,11 +29,12 @@ import logging
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from alignment import cli
 from alignment.atomic import write_text
+from alignment.config import field_help as _help
 from alignment.persona.data import DataError, DialogueExample, load_examples, load_passages
 
 logger = logging.getLogger(__name__)
@@ -47,14 +48,18 @@ PROMPT_TEXT = "dialog with R's persona: context: Q: R: <extra_id_0> story title:
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    eval_fraction: float = 0.1  # of the personas, held out for evaluation
-    corpus_fraction: float = 0.15  # of the personas, whose sentences become the stand-in corpus
-    seed: int = 0
-    vocab_size: int = 4000  # SentencePiece pieces, at most (the 100 sentinels come on top)
-    d_model: int = 128
-    d_ff: int = 512
-    num_layers: int = 2  # encoder and decoder each
-    num_heads: int = 4
+    eval_fraction: float = field(default=0.1, metadata=_help("share of the personas held out for evaluation"))
+    corpus_fraction: float = field(
+        default=0.15, metadata=_help("share of the personas whose sentences make the stand-in corpus")
+    )
+    seed: int = field(
+        default=0, metadata=_help("seed of the persona shuffle and the reader's initialisation")
+    )
+    vocab_size: int = field(default=4000, metadata=_help("SentencePiece pieces at most (+ 100 sentinels)"))
+    d_model: int = field(default=128, metadata=_help("reader: hidden size"))
+    d_ff: int = field(default=512, metadata=_help("reader: feed-forward size (gated GELU)"))
+    num_layers: int = field(default=2, metadata=_help("reader: encoder layers, and as many decoder layers"))
+    num_heads: int = field(default=4, metadata=_help("reader: attention heads"))
 
     def __post_init__(self) -> None:
         if not (0 < self.eval_fraction < 1 and 0 <= self.corpus_fraction < 1):
@@ -196,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     p.add_argument("--passages", default=None, help="LAPDOG's story corpus, if you have it (else a stand-in)")
     defaults = PrepareOptions()
-    for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name}", type=type(value), default=value, help=name.replace("_", " "))
+    for f in fields(PrepareOptions):
+        value = getattr(defaults, f.name)
+        p.add_argument(f"--{f.name}", type=type(value), default=value, help=f.metadata["help"])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = PrepareOptions(**{k: getattr(a, k) for k in asdict(defaults)})
