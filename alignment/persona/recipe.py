@@ -8,7 +8,7 @@ that SFT checkpoint; held-out F1 / ROUGE-L / BLEU of all three over the seeds, w
 Runs ``alignment/persona/persona_convai2_offline.yaml`` (``--config``) with ``--set key=value``
 overrides for every run; the data, the stand-in corpus and the reader come from
 :mod:`alignment.persona.prepare` (made when ``--prepared`` has no PREPARED.json). Every run is an
-ordinary run folder under ``--runs`` (TensorBoard, metrics.jsonl, examples.log, checkpoints);
+ordinary run folder under ``--runs_dir`` (TensorBoard, metrics.jsonl, examples.log, checkpoints);
 ``REPORT.md`` there holds the tables (mean ± std over seeds, and per seed) and sample replies.
 """
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default=REFERENCE_DATA, help="LAPDOG-format rows, prepared when --prepared is not"
     )
     p.add_argument("--prepared", default="models/persona-convai2", help="alignment.persona.prepare's output")
-    p.add_argument("--runs", default="logs/persona-convai2-offline", help="run folders and REPORT.md")
+    p.add_argument("--runs_dir", default="logs/persona-convai2-offline", help="run folders and REPORT.md")
     p.add_argument("--config", default=str(RECIPE), help="the recipe YAML every run starts from")
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one SFT → GRPO, REINFORCE per seed"
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(run_recipe(a.runs, a.prepared, a.seeds, a.sft_steps, a.rl_steps, a.config, parse_overrides(a.set),
+    print(run_recipe(a.runs_dir, a.prepared, a.seeds, a.sft_steps, a.rl_steps, a.config, parse_overrides(a.set),
                      a.data, a.rl_batch, a.rl_lr), end="")  # fmt: skip
     return 0
 
