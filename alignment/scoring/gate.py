@@ -4,7 +4,8 @@ barrier that turns every unexpected exception into an answer.
 :class:`RequestGate` checks, in this order and before reading a byte of the body: the method (405
 with ``Allow``), the bearer token (401), the declared body size (413); then it reads the body with
 a size limit (413) and a deadline (408: a body shorter than its ``Content-Length`` never stalls the
-service), and hands the complete body to the app. A request rejected before its body was read is
+service), and hands the complete body to the app as one ``bytearray`` (which the app may empty to
+free it early; nothing else keeps a reference). A request rejected before its body was read is
 answered with ``Connection: close``, so an unauthenticated 57 MB upload is not read at all.
 
 :class:`ErrorBarrier` answers a JSON 500 for any exception from the app and does not re-raise it:
@@ -107,17 +108,19 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         body = await self._read_body(receive, send)
-        if body is not None:
-            await self.app(scope, _replay(body, receive), send)
+        if body is None:
+            return
+        replay = _replay(body, receive)
+        del body  # the app's to keep or free
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send, size: int) -> None:
         message = f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes"
         await send_json(send, 413, {"error": message}, close=True)
 
-    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+    async def _read_body(self, receive: Receive, send: Send) -> bytearray | None:
         """The whole body, or None once an answer (408, 413) was sent or the client left."""
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()  # grown in place: no list of chunks joined into a second copy at the end
         deadline = time.monotonic() + self.body_timeout
         while True:
             try:
@@ -133,24 +136,23 @@ class RequestGate:
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(send, size)
+            if len(body) + len(chunk) > self.max_body_bytes:
+                await self._too_large(send, len(body) + len(chunk))
                 return None
-            chunks.append(chunk)
+            body += chunk
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return body
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the body once, then what the server says (e.g. a disconnect)."""
-    sent = False
+def _replay(body: bytearray, receive: Receive) -> Receive:
+    """A ``receive`` that yields the body once, then what the server says (e.g. a disconnect);
+    it keeps no reference to the body once given."""
+    held: list[bytearray] = [body]
+    del body
 
     async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if held:
+            return {"type": "http.request", "body": held.pop(), "more_body": False}
         return await receive()
 
     return replay

@@ -1,16 +1,21 @@
 """The scorer's work queue: bounded, fair between callers, and isolating failures.
 
-Callers (HTTP requests) ``submit`` lists of already-encoded items with their token lengths. One
-loop takes a *step* of work at a time and runs it in one worker thread through ``fn(items) ->
-results`` (which packs the step into length-sorted, token-budgeted forward passes):
+Callers (HTTP requests) ``submit`` lists of already-encoded items with their token lengths, or
+``submit_parts`` them as they are encoded. One loop takes a *step* of work at a time and runs it in
+one worker thread through ``fn(items) -> results`` (which packs the step into length-sorted,
+token-budgeted forward passes):
 
-- **fair**: a step takes at most ``quantum`` items of each waiting request per round, round after
-  round, so a 4,096-item request is split over many steps and a 1-item request that arrives
-  meanwhile is scored in the next step, not after it;
-- **bounded**: at most ``max_queue_items`` items wait at once; beyond that ``submit`` raises
+- **a new request is in the next step**: the first ``NEW_SHARE`` of every step's rows and tokens
+  goes to requests that have had no step yet, so a 1-item request that arrives while 2,048 long
+  rows wait is scored in the step after the one running, whatever is queued;
+- **fair**: the rest of a step is shared round-robin, ``quantum`` items per request per round,
+  starting with the request served least recently, so a 4,096-item request is split over many
+  steps and neither it nor anyone else is starved;
+- **bounded**: at most ``max_queue_items`` items wait at once (a request counts in full from the
+  moment it is submitted, parts not yet encoded included); beyond that ``submit`` raises
   :class:`QueueFull` (answered 503 with ``Retry-After``), except into an empty queue;
 - **abandoned work is dropped**: the items of a caller that went away (its ``submit`` was
-  cancelled) are removed before they reach a forward pass;
+  cancelled) are removed before they reach a forward pass, and its parts stop being encoded;
 - **failures stay with their cause**: when a step that merged several requests fails, each
   request's part is re-run on its own and only those that fail again get the error;
 - **a dead loop is visible**: if the loop itself ends (a bug, an error in a hook), every waiting
@@ -28,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +44,7 @@ logger = logging.getLogger(__name__)
 # 3.11; on 3.10 catching the builtin alone lets the timeout escape and end the loop.
 WAIT_TIMEOUT = (asyncio.TimeoutError, TimeoutError)
 STEP_FORWARDS = 4  # a step holds up to this many full forward passes: room to sort, short to wait
+NEW_SHARE = 0.5  # of a step's rows and tokens, offered first to requests that have had no step yet
 
 
 class QueueFull(RuntimeError):
@@ -55,18 +61,29 @@ class SchedulerStopped(RuntimeError):
 
 @dataclass(eq=False)
 class _Job:
-    items: list[Any]
-    lengths: list[int]
+    total: int
     future: asyncio.Future
     enqueued: float
-    todo: deque[int] = field(default_factory=deque)  # indices not yet taken into a step
+    items: list[Any] = field(default_factory=list)  # arrived so far (all of them for ``submit``)
+    lengths: list[int] = field(default_factory=list)
+    todo: deque[int] = field(default_factory=deque)  # indices arrived and not yet taken into a step
     results: list[Any] = field(default_factory=list)
-    left: int = 0  # items without a result yet (waiting or in a running step)
+    left: int = 0  # items without a result yet (not arrived, waiting or in a running step)
     started: bool = False
+    served: int = -1  # the last step that took items of this job
 
     @property
     def live(self) -> bool:
         return not self.future.done()
+
+    def add(self, items: Sequence[Any], lengths: Sequence[int]) -> None:
+        if len(items) != len(lengths):
+            raise ValueError(f"{len(items)} items but {len(lengths)} lengths")
+        if len(self.items) + len(items) > self.total:
+            raise ValueError(f"more than the {self.total} items announced")
+        self.todo.extend(range(len(self.items), len(self.items) + len(items)))
+        self.items.extend(items)
+        self.lengths.extend(lengths)
 
 
 Step = list[tuple[_Job, list[int]]]
@@ -109,6 +126,7 @@ class BatchScheduler:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._error: str | None = None
+        self._steps = 0
         self._rate = 0.0  # items per second, smoothed: for Retry-After
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
 
@@ -145,31 +163,72 @@ class BatchScheduler:
     async def submit(self, items: Sequence[Any], lengths: Sequence[int]) -> list[Any]:
         """Results for ``items`` in order; raises what scoring them raised, :class:`QueueFull` or
         :class:`SchedulerStopped`. Cancelling the call drops its items that have not started."""
+        if len(items) != len(lengths):
+            raise ValueError(f"{len(items)} items but {len(lengths)} lengths")
+        job = self._open(len(items))
+        if job is None:
+            return []
+        job.add(items, lengths)
+        return await self._wait(job)
+
+    async def submit_parts(
+        self, total: int, parts: AsyncIterator[tuple[Sequence[Any], Sequence[int]]]
+    ) -> list[Any]:
+        """Like :meth:`submit` for ``total`` items that arrive as ``(items, lengths)`` parts (the
+        slices of a request being tokenised): the first part is scored while later ones are still
+        being made. An exception from ``parts`` is raised here (the items not yet scored are
+        dropped); cancelling the call also stops ``parts``."""
+        job = self._open(total)
+        if job is None:
+            return []
+        feeder = asyncio.ensure_future(self._feed(job, parts))
+        try:
+            return await self._wait(job)
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+
+    def _open(self, total: int) -> _Job | None:
         if self._wake is None:
             raise RuntimeError("BatchScheduler.submit called before start()")
         if not self.alive:
             raise SchedulerStopped(self.error or "the batch scheduler is not running")
-        if len(items) != len(lengths):
-            raise ValueError(f"{len(items)} items but {len(lengths)} lengths")
-        if not items:
-            return []
+        if total <= 0:
+            return None
         queued = self.queued_items
-        if queued and queued + len(items) > self.max_queue_items:
+        if queued and queued + total > self.max_queue_items:
             raise QueueFull(queued, self.max_queue_items, self._retry_after(queued))
-        job = _Job(
-            list(items), list(lengths), asyncio.get_running_loop().create_future(), time.perf_counter()
-        )
-        job.todo.extend(range(len(items)))
-        job.results = [None] * len(items)
-        job.left = len(items)
+        job = _Job(total, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job.results = [None] * total
+        job.left = total
         self._jobs.append(job)
+        return job
+
+    async def _feed(self, job: _Job, parts: AsyncIterator[tuple[Sequence[Any], Sequence[int]]]) -> None:
+        assert self._wake is not None
+        try:
+            async for items, lengths in parts:
+                if not job.live:
+                    return
+                job.add(items, lengths)
+                self._wake.set()
+            if job.live and len(job.items) != job.total:
+                raise RuntimeError(f"{len(job.items)} of {job.total} items arrived")
+        except Exception as exc:  # e.g. a text that cannot be tokenised: the caller's error
+            job.todo.clear()
+            job.left = 0
+            if job.live:
+                job.future.set_exception(exc)
+
+    async def _wait(self, job: _Job) -> list[Any]:
+        assert self._wake is not None
         self._wake.set()
         try:
             return await job.future
         finally:
             if not job.future.done():  # the caller went away: forget what has not started
                 job.future.cancel()
-            if job.todo and job.future.cancelled():
+            if job.future.cancelled():
                 self._drop(job)
 
     def _retry_after(self, queued: int) -> int:
@@ -177,7 +236,7 @@ class BatchScheduler:
         return int(min(30, max(1, math.ceil(seconds))))
 
     def _drop(self, job: _Job) -> None:
-        n = len(job.todo)
+        n = len(job.todo) + job.total - len(job.items)  # waiting, and parts that will not be made
         job.todo.clear()
         job.left -= n
         if n and self.on_drop is not None:
@@ -228,7 +287,8 @@ class BatchScheduler:
                 return
 
     def _take_step(self) -> Step:
-        """Items of the waiting requests, ``quantum`` per request per round, up to the step bounds."""
+        """Items of the waiting requests for one step: first up to ``NEW_SHARE`` of the step for
+        requests that have had no step yet, then round-robin over all, least recently served first."""
         self._jobs = deque(job for job in self._jobs if job.live and job.left > 0)
         waiting = self._waiting()
         if not self.merge and waiting:
@@ -237,19 +297,26 @@ class BatchScheduler:
             self._jobs.append(waiting[0])
         row_cap, token_cap = self.max_rows * STEP_FORWARDS, self.max_tokens * STEP_FORWARDS
         taken: dict[int, tuple[_Job, list[int]]] = {}
-        rows = tokens = 0
-        full = False
-        while not full and any(job.todo for job in waiting):
-            for job in waiting:
-                for _ in range(min(self.quantum, len(job.todo))):
-                    length = job.lengths[job.todo[0]]
-                    if rows and (rows + 1 > row_cap or tokens + length > token_cap):
-                        full = True
-                        break
-                    taken.setdefault(id(job), (job, []))[1].append(job.todo.popleft())
-                    rows, tokens = rows + 1, tokens + length
-                if full:
-                    break
+        budget = [0, 0]  # rows, tokens taken
+
+        def fill(jobs: list[_Job], rows_allowed: float, tokens_allowed: float) -> None:
+            while any(job.todo for job in jobs):
+                for job in jobs:
+                    for _ in range(min(self.quantum, len(job.todo))):
+                        length = job.lengths[job.todo[0]]
+                        rows, tokens = budget
+                        # the first row of a step always fits: a row longer than the budget runs alone
+                        if rows and (rows + 1 > rows_allowed or tokens + length > tokens_allowed):
+                            return
+                        taken.setdefault(id(job), (job, []))[1].append(job.todo.popleft())
+                        budget[0], budget[1] = rows + 1, tokens + length
+
+        new = [job for job in waiting if not job.started]
+        fill(new, row_cap * NEW_SHARE, token_cap * NEW_SHARE)
+        fill(sorted(waiting, key=lambda job: (not job.started, job.served)), row_cap, token_cap)
+        self._steps += 1
+        for job, _ in taken.values():
+            job.served = self._steps
         return list(taken.values())
 
     async def _run_step(self, step: Step) -> None:
@@ -303,12 +370,13 @@ class BatchScheduler:
     def _deliver(self, job: _Job, idx: list[int], results: Sequence[Any]) -> None:
         for i, result in zip(idx, results, strict=True):
             job.results[i] = result
+            job.items[i] = None  # scored: its token ids are not needed any more
         job.left -= len(idx)
         if job.left == 0 and job.live:
             job.future.set_result(job.results)
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
-        logger.error("scoring a request of %d items failed: %s: %s", len(job.items), type(exc).__name__, exc)
+        logger.error("scoring a request of %d items failed: %s: %s", job.total, type(exc).__name__, exc)
         job.todo.clear()
         job.left = 0
         if job.live:
