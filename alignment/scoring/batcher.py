@@ -127,14 +127,18 @@ def plan_forwards(
 class PrefixTokenizer:
     """The first ``limit`` token ids of each text, from tokenising as little of the text as possible.
 
-    Each text is cut to about ``limit`` tokens' worth of characters (at a learnt characters-per-
-    token rate, with a quarter more as margin) and tokenised with ``truncation=True``. A cut prefix
-    that yields fewer than ``limit`` tokens was cut too short: it grows (at least twofold) and is
-    tokenised again, up to the whole text. So a normal text is tokenised once, about ``limit``
-    tokens long, and no text, however its characters tokenise (normalisers that drop characters,
-    tokens of many characters), is scored differently from tokenising it whole: the ids returned
-    equal the first ``limit`` ids of the whole text's tokenisation whenever they are fewer than
-    ``limit`` or the text was cut at least ``ENCODE_MARGIN`` tokens past what the caller keeps.
+    Each text is cut to about ``limit`` tokens' worth of characters (at a characters-per-token rate
+    learnt from the texts seen, plus a quarter) and tokenised with ``truncation=True``. A prefix
+    that yields fewer than ``limit`` tokens was cut too short (a normaliser that drops characters,
+    tokens of many characters): it grows, at least twofold, and is tokenised again, up to the whole
+    text. A normal text is thus tokenised once, about ``limit`` tokens of it; the worst text costs
+    at most about twice its own length, as tokenising it whole did.
+
+    The ids are those of the whole text cut to ``limit`` wherever cutting a text changes only the
+    tokens of its last few characters (a cut splits at most the word it falls in): the caller keeps
+    ``ENCODE_MARGIN`` tokens fewer than ``limit``. Tested against whole-text tokenisation for
+    byte-level BPE, SentencePiece-style BPE with byte fallback and WordPiece with a normaliser
+    that drops characters (tests/test_scorer_scheduling.py).
 
     Thread-safe: every thread gets its own copy of the tokenizer (a fast tokenizer's call sets
     truncation state on the Rust object it shares, and two calls at once then fail with
@@ -159,7 +163,7 @@ class PrefixTokenizer:
 
     def _learn(self, chars: int, tokens: int) -> None:
         if chars >= 64 and tokens > 1:  # only whole pieces tell the rate; tiny ones are mostly specials
-            self.chars_per_token = 0.9 * self.chars_per_token + 0.1 * (chars / tokens)
+            self.chars_per_token = 0.75 * self.chars_per_token + 0.25 * (chars / tokens)
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids (special tokens added as the tokenizer adds them), at most ``limit`` per text."""
