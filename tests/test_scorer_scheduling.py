@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from alignment.scoring.batcher import ENCODE_MARGIN, PrefixTokenizer, RewardCostScorer, TextEncodingError
+from alignment.scoring.batcher import (
+    ENCODE_MARGIN,
+    PrefixTokenizer,
+    RewardCostScorer,
+    TextEncodingError,
+    plan_forwards,
+)
 from alignment.scoring.body import TooDeep, TooManyValues, load_json
 from alignment.scoring.encoder_pool import EncoderPool
 from alignment.scoring.scheduler import BatchScheduler, QueueFull
@@ -228,25 +234,32 @@ async def _until(condition) -> None:
     raise AssertionError("never happened")
 
 
-def test_a_new_request_is_in_the_next_step_whatever_is_queued():
+@pytest.mark.parametrize("passes", ["one pass a round", "plan_forwards"])
+def test_a_new_request_is_in_the_next_forward_pass_whatever_is_queued(passes: str):
     async def main() -> None:
-        # the CPU defaults: 32 rows and 1,024 tokens a pass, 4 passes a step, 8 rows per request per
-        # round: the first request's 8 rows of 512 tokens fill a step by themselves
-        scheduler, steps, release = _controlled_scheduler(max_rows=32, max_tokens=1024, max_wait_s=0)
+        # the CPU defaults: 32 rows and 1,024 tokens a pass, 4 passes a round, 8 rows per request at a
+        # time: the first request's 8 rows of 512 tokens fill a round by themselves
+        plan = None if passes == "one pass a round" else (lambda lengths: plan_forwards(lengths, 32, 1024))
+        scheduler, steps, release = _controlled_scheduler(
+            max_rows=32, max_tokens=1024, plan=plan, max_wait_s=0
+        )
         await scheduler.start()
         big_items = [f"big{i}" for i in range(2048)]
         big = asyncio.ensure_future(scheduler.submit(big_items, [512] * 2048))
         await _until(lambda: len(steps) == 1)
         small = asyncio.ensure_future(scheduler.submit(["small"], [20]))
         await asyncio.sleep(0.01)
-        release.release()  # step 1 ends; step 2 is taken now
+        release.release()  # the running forward pass ends; the next one starts now
         await _until(lambda: len(steps) == 2)
-        assert "small" in steps[1]  # (before: only after all 2,048 rows)
+        assert "small" in steps[1]  # (before: after all 2,048 rows)
+        if plan is not None:
+            assert steps[0] == ["big0", "big1"] and steps[1] == ["small"]  # the round was cut short
         assert sum(512 for item in steps[1] if item.startswith("big")) + 20 <= 4 * 1024
-        for _ in range(400):
+        for _ in range(2000):
             release.release()
         assert await small == ["SMALL"]
         assert await big == [item.upper() for item in big_items]
+        # the rows put back when the round was cut short were scored once, like every other
         assert sorted(item for step in steps for item in step) == sorted([*big_items, "small"])
         await scheduler.stop()
 

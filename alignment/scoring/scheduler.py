@@ -1,16 +1,19 @@
 """The scorer's work queue: bounded, fair between callers, and isolating failures.
 
 Callers (HTTP requests) ``submit`` lists of already-encoded items with their token lengths, or
-``submit_parts`` them as they are encoded. One loop takes a *step* of work at a time and runs it in
-one worker thread through ``fn(items) -> results`` (which packs the step into length-sorted,
-token-budgeted forward passes):
+``submit_parts`` them as they are encoded. One loop chooses a *round* of work (up to
+``STEP_FORWARDS`` forward passes' worth: room to sort rows by length), cuts it into forward passes
+with ``plan`` and runs them one *step* (one call of ``fn(items) -> results``, one pass) at a time
+in one worker thread:
 
-- **a new request is in the next step**: the first ``NEW_SHARE`` of every step's rows and tokens
-  goes to requests that have had no step yet, so a 1-item request that arrives while 2,048 long
-  rows wait is scored in the step after the one running, whatever is queued;
-- **fair**: the rest of a step is shared round-robin, ``quantum`` items per request per round,
+- **a new request is in the next forward pass**: a request that arrives during a round ends that
+  round after the running pass (the rest goes back to the front of the queue), the first
+  ``NEW_SHARE`` of every round's rows and tokens goes to requests that have had no step yet, and
+  their passes run first; so a 1-item request that arrives while 2,048 rows of 512 tokens wait
+  is scored after at most one of their passes, whatever is queued (before: after all of them);
+- **fair**: the rest of a round is shared round-robin, ``quantum`` items per request at a time,
   starting with the request served least recently, so a 4,096-item request is split over many
-  steps and neither it nor anyone else is starved;
+  rounds and neither it nor anyone else is starved;
 - **bounded**: at most ``max_queue_items`` items wait at once (a request counts in full from the
   moment it is submitted, parts not yet encoded included); beyond that ``submit`` raises
   :class:`QueueFull` (answered 503 with ``Retry-After``), except into an empty queue;
@@ -35,16 +38,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
+
+from alignment.scoring.rounds import Job, Step, one_pass, split_passes, take_round
 
 logger = logging.getLogger(__name__)
 
 # asyncio.wait_for raises asyncio.TimeoutError, which is the builtin TimeoutError only from Python
 # 3.11; on 3.10 catching the builtin alone lets the timeout escape and end the loop.
 WAIT_TIMEOUT = (asyncio.TimeoutError, TimeoutError)
-STEP_FORWARDS = 4  # a step holds up to this many full forward passes: room to sort, short to wait
-NEW_SHARE = 0.5  # of a step's rows and tokens, offered first to requests that have had no step yet
+STEP_FORWARDS = 4  # a round holds up to this many full forward passes: room to sort, short to wait
 
 
 class QueueFull(RuntimeError):
@@ -59,45 +62,17 @@ class SchedulerStopped(RuntimeError):
     """The scheduling loop has ended (shut down or crashed): no request can be scored here."""
 
 
-@dataclass(eq=False)
-class _Job:
-    total: int
-    future: asyncio.Future
-    enqueued: float
-    items: list[Any] = field(default_factory=list)  # arrived so far (all of them for ``submit``)
-    lengths: list[int] = field(default_factory=list)
-    todo: deque[int] = field(default_factory=deque)  # indices arrived and not yet taken into a step
-    results: list[Any] = field(default_factory=list)
-    left: int = 0  # items without a result yet (not arrived, waiting or in a running step)
-    started: bool = False
-    served: int = -1  # the last step that took items of this job
-
-    @property
-    def live(self) -> bool:
-        return not self.future.done()
-
-    def add(self, items: Sequence[Any], lengths: Sequence[int]) -> None:
-        if len(items) != len(lengths):
-            raise ValueError(f"{len(items)} items but {len(lengths)} lengths")
-        if len(self.items) + len(items) > self.total:
-            raise ValueError(f"more than the {self.total} items announced")
-        self.todo.extend(range(len(self.items), len(self.items) + len(items)))
-        self.items.extend(items)
-        self.lengths.extend(lengths)
-
-
-Step = list[tuple[_Job, list[int]]]
-
-
 class BatchScheduler:
     """Queue and schedule scoring work for a blocking ``fn(items) -> results`` (one result per item).
 
     Args:
-        fn: scores a list of items in the worker thread.
-        max_rows: rows of one forward pass; a step holds up to ``STEP_FORWARDS`` times as many.
-        max_tokens: padded tokens of one forward pass; bounds a step's tokens the same way.
-        max_wait_s: how long the oldest waiting request waits for company before its step starts.
-        merge: merge requests into one step; ``False`` scores each request on its own (benchmarks).
+        fn: scores a list of items (one forward pass) in the worker thread.
+        max_rows: rows of one forward pass; a round holds up to ``STEP_FORWARDS`` times as many.
+        max_tokens: padded tokens of one forward pass; bounds a round's tokens the same way.
+        plan: ``plan(lengths) -> passes`` cuts a round into forward passes (lists of indices into
+            ``lengths``, covering each once); by default the round is one pass.
+        max_wait_s: how long the oldest waiting request waits for company before its round starts.
+        merge: merge requests into one round; ``False`` scores each request on its own (benchmarks).
         max_queue_items: items allowed to wait at once.
         on_step: ``on_step(n_items, first_waits)`` for every step: ``first_waits`` holds the queue
             wait of each request whose first items the step scores. Runs outside the step's error
@@ -110,6 +85,7 @@ class BatchScheduler:
         fn: Callable[[list[Any]], Sequence[Any]],
         max_rows: int = 32,
         max_tokens: int = 16384,
+        plan: Callable[[list[int]], list[list[int]]] | None = None,
         max_wait_s: float = 0.005,
         merge: bool = True,
         max_queue_items: int = 16384,
@@ -119,14 +95,15 @@ class BatchScheduler:
         if max_rows < 1 or max_tokens < 1 or max_queue_items < 1:
             raise ValueError("max_rows, max_tokens and max_queue_items must be positive")
         self.fn, self.max_rows, self.max_tokens = fn, max_rows, max_tokens
+        self.plan = plan or one_pass
         self.max_wait_s, self.merge, self.max_queue_items = max_wait_s, merge, max_queue_items
         self.on_step, self.on_drop = on_step, on_drop
         self.quantum = max(1, max_rows // 4)
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[Job] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._error: str | None = None
-        self._steps = 0
+        self._rounds = 0
         self._rate = 0.0  # items per second, smoothed: for Retry-After
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
 
@@ -188,7 +165,7 @@ class BatchScheduler:
             if not feeder.done():
                 feeder.cancel()
 
-    def _open(self, total: int) -> _Job | None:
+    def _open(self, total: int) -> Job | None:
         if self._wake is None:
             raise RuntimeError("BatchScheduler.submit called before start()")
         if not self.alive:
@@ -198,13 +175,13 @@ class BatchScheduler:
         queued = self.queued_items
         if queued and queued + total > self.max_queue_items:
             raise QueueFull(queued, self.max_queue_items, self._retry_after(queued))
-        job = _Job(total, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = Job(total, asyncio.get_running_loop().create_future(), time.perf_counter())
         job.results = [None] * total
         job.left = total
         self._jobs.append(job)
         return job
 
-    async def _feed(self, job: _Job, parts: AsyncIterator[tuple[Sequence[Any], Sequence[int]]]) -> None:
+    async def _feed(self, job: Job, parts: AsyncIterator[tuple[Sequence[Any], Sequence[int]]]) -> None:
         assert self._wake is not None
         try:
             async for items, lengths in parts:
@@ -220,7 +197,7 @@ class BatchScheduler:
             if job.live:
                 job.future.set_exception(exc)
 
-    async def _wait(self, job: _Job) -> list[Any]:
+    async def _wait(self, job: Job) -> list[Any]:
         assert self._wake is not None
         self._wake.set()
         try:
@@ -235,12 +212,11 @@ class BatchScheduler:
         seconds = queued / self._rate if self._rate > 0 else 1.0
         return int(min(30, max(1, math.ceil(seconds))))
 
-    def _drop(self, job: _Job) -> None:
+    def _drop(self, job: Job) -> None:
         n = len(job.todo) + job.total - len(job.items)  # waiting, and parts that will not be made
         job.todo.clear()
         job.left -= n
-        if n and self.on_drop is not None:
-            self.on_drop(n)
+        self._dropped(n)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -248,9 +224,9 @@ class BatchScheduler:
         try:
             while True:
                 await self._wait_for_work()
-                step = self._take_step()
-                if step:
-                    await self._run_step(step)
+                chosen = self._take_round()
+                if chosen:
+                    await self._run_round(chosen)
         except asyncio.CancelledError:
             self._error = "the scorer is shutting down"
             self._fail_all(SchedulerStopped(self._error))
@@ -262,7 +238,7 @@ class BatchScheduler:
             if not isinstance(exc, Exception):
                 raise
 
-    def _waiting(self) -> list[_Job]:
+    def _waiting(self) -> list[Job]:
         return [job for job in self._jobs if job.live and job.todo]
 
     async def _wait_for_work(self) -> None:
@@ -286,38 +262,44 @@ class BatchScheduler:
             except WAIT_TIMEOUT:
                 return
 
-    def _take_step(self) -> Step:
-        """Items of the waiting requests for one step: first up to ``NEW_SHARE`` of the step for
-        requests that have had no step yet, then round-robin over all, least recently served first."""
+    def _take_round(self) -> Step:
         self._jobs = deque(job for job in self._jobs if job.live and job.left > 0)
         waiting = self._waiting()
         if not self.merge and waiting:
             waiting = waiting[:1]
-            self._jobs.remove(waiting[0])  # the next step starts with the next request
+            self._jobs.remove(waiting[0])  # the next round starts with the next request
             self._jobs.append(waiting[0])
-        row_cap, token_cap = self.max_rows * STEP_FORWARDS, self.max_tokens * STEP_FORWARDS
-        taken: dict[int, tuple[_Job, list[int]]] = {}
-        budget = [0, 0]  # rows, tokens taken
+        self._rounds += 1
+        cap = (self.max_rows * STEP_FORWARDS, self.max_tokens * STEP_FORWARDS)
+        return take_round(waiting, *cap, self.quantum, self._rounds)
 
-        def fill(jobs: list[_Job], rows_allowed: float, tokens_allowed: float) -> None:
-            while any(job.todo for job in jobs):
-                for job in jobs:
-                    for _ in range(min(self.quantum, len(job.todo))):
-                        length = job.lengths[job.todo[0]]
-                        rows, tokens = budget
-                        # the first row of a step always fits: a row longer than the budget runs alone
-                        if rows and (rows + 1 > rows_allowed or tokens + length > tokens_allowed):
-                            return
-                        taken.setdefault(id(job), (job, []))[1].append(job.todo.popleft())
-                        budget[0], budget[1] = rows + 1, tokens + length
+    async def _run_round(self, chosen: Step) -> None:
+        """Run the round's forward passes, those holding new requests first; stop after the running
+        pass when a request arrives that is not in this round, putting the rest back."""
+        passes = split_passes(chosen, self.plan)
+        for k, step in enumerate(passes):
+            if k and any(not job.started and job.served != self._rounds for job in self._waiting()):
+                self._put_back([part for rest in passes[k:] for part in rest])
+                return
+            live = [(job, idx) for job, idx in step if job.live]
+            self._dropped(sum(len(idx) for job, idx in step if not job.live))
+            if live:
+                await self._run_step(live)
 
-        new = [job for job in waiting if not job.started]
-        fill(new, row_cap * NEW_SHARE, token_cap * NEW_SHARE)
-        fill(sorted(waiting, key=lambda job: (not job.started, job.served)), row_cap, token_cap)
-        self._steps += 1
-        for job, _ in taken.values():
-            job.served = self._steps
-        return list(taken.values())
+    def _put_back(self, rest: Step) -> None:
+        """Return items taken into a round but not run to the front of their requests' queues."""
+        back: dict[int, tuple[Job, list[int]]] = {}
+        for job, idx in rest:
+            back.setdefault(id(job), (job, []))[1].extend(idx)
+        for job, idx in back.values():
+            if job.live:
+                job.todo.extendleft(sorted(idx, reverse=True))
+            else:
+                self._dropped(len(idx))
+
+    def _dropped(self, n: int) -> None:
+        if n and self.on_drop is not None:
+            self.on_drop(n)
 
     async def _run_step(self, step: Step) -> None:
         now = time.perf_counter()
@@ -367,7 +349,7 @@ class BatchScheduler:
             else:
                 self._deliver(job, idx, results)
 
-    def _deliver(self, job: _Job, idx: list[int], results: Sequence[Any]) -> None:
+    def _deliver(self, job: Job, idx: list[int], results: Sequence[Any]) -> None:
         for i, result in zip(idx, results, strict=True):
             job.results[i] = result
             job.items[i] = None  # scored: its token ids are not needed any more
@@ -375,7 +357,7 @@ class BatchScheduler:
         if job.left == 0 and job.live:
             job.future.set_result(job.results)
 
-    def _fail(self, job: _Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException) -> None:
         logger.error("scoring a request of %d items failed: %s: %s", job.total, type(exc).__name__, exc)
         job.todo.clear()
         job.left = 0

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from alignment.conversation import scoring_text
 from alignment.scoring import heap
 from alignment.scoring.address import default_address_file, remove_address_file, write_address_file
-from alignment.scoring.batcher import BatchStats, Encoded, RewardCostScorer, TextEncodingError
+from alignment.scoring.batcher import BatchStats, Encoded, RewardCostScorer, TextEncodingError, plan_forwards
 from alignment.scoring.body import max_values_for, parse_request
 from alignment.scoring.encoder_pool import EncoderPool
 from alignment.scoring.gate import ErrorBarrier, RequestGate
@@ -147,6 +147,9 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
         score_step,
         max_rows=settings.max_batch_size,
         max_tokens=scorer.max_batch_tokens,
+        plan=lambda lengths: plan_forwards(
+            lengths, scorer.max_batch_size, scorer.max_batch_tokens, scorer.max_padding
+        ),
         max_wait_s=settings.max_wait_ms / 1000.0,
         merge=settings.batching,
         max_queue_items=settings.max_queue_items,
