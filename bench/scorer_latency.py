@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorer-threads", type=int, default=1, help="torch threads of the scorer")
     p.add_argument("--long-rows", type=int, default=2048, help="texts of ~512 tokens in the first big request")
     p.add_argument("--big-mb", type=float, default=48.0, help="size of the second big request's body")
-    p.add_argument("--small", type=int, default=200, help="most small requests per situation")
+    p.add_argument("--small", type=int, default=100_000, help="most small requests per situation")
     p.add_argument("--gap-ms", type=float, default=100.0, help="pause between small requests")
     p.add_argument("--settle-s", type=float, default=5.0, help="seconds after the big answer for final RSS")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")

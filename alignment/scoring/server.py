@@ -8,13 +8,13 @@ for ever, normal requests timed out and every failed ``accept`` was logged. Here
 - a connection that has not completed its request headers ``header_timeout`` seconds after it
   opened (or after its first byte following the previous response) is closed;
 - beyond ``max_connections`` open connections (by default a third of the file-descriptor limit,
-  which is first raised to the hard limit), one is closed to make room, the first there is of:
-  a connection stalled mid-request (part of a request sent, then silence for ``STALL_S``),
-  longest silent first; an idle one (no request in progress), longest idle first; one still
-  sending its request, longest silent first. A connection whose request is complete (being
-  scored or answered) is never closed; if every one is, the new connection is. 1,100 sockets
-  that sent half a body and stalled used to count as busy, so new connections were refused and
-  310 of 3,643 normal requests failed; now each new connection pushes out a stalled one.
+  which is first raised to the hard limit), one is closed to make room: a connection stalled
+  mid-request (part of a request sent, then silence for ``STALL_S``) if there is one, else any
+  connection without a complete request (idle, or still sending one), the longest silent first
+  either way. A connection whose request is complete (being scored or answered) is never closed;
+  if every one is, the new connection is. 1,100 sockets that sent half a body and stalled used to
+  count as busy, so new connections were refused and 310 of 3,643 normal requests failed; now
+  each new connection pushes out a stalled one;
 - each log line is let through at most a few times a minute (:class:`RepeatFilter`).
 """
 
@@ -145,7 +145,7 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type:
 
         def _make_room(self) -> None:
             now = time.monotonic()
-            best, best_rank = None, None
+            victim, victim_rank = None, (2, 0.0)
             for c in self.connections:
                 if c is self or not hasattr(c, "_heard") or c.transport.is_closing():
                     continue
@@ -153,19 +153,21 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type:
                 if state == "answering":
                     continue
                 silent = now - c._heard
-                group = 0 if state == "sending" and silent >= STALL_S else 1 if state == "idle" else 2
-                rank = (group, -silent)
-                if best_rank is None or rank < best_rank:
-                    best, best_rank = c, rank
-            if best is not None:
-                kind = ("stalled mid-request", "idle", "still sending")[best_rank[0]]  # type: ignore[index]
-                logger.warning("%d connections open (limit %d): closing the longest silent %s one",
-                               len(self.connections), max_connections, kind)  # fmt: skip
-                best.transport.close()
-            else:
+                rank = (0 if state == "sending" and silent >= STALL_S else 1, -silent)
+                if rank < victim_rank:
+                    victim, victim_rank = c, rank
+            if victim is None:
                 logger.warning("%d connections open (limit %d), all answering: refusing a new one",
                                len(self.connections), max_connections)  # fmt: skip
                 self.transport.close()
+            elif victim_rank[0] == 0:
+                logger.warning("%d connections open (limit %d): closing the one stalled longest mid-request",
+                               len(self.connections), max_connections)  # fmt: skip
+                victim.transport.close()
+            else:
+                logger.warning("%d connections open (limit %d): closing the longest silent one",
+                               len(self.connections), max_connections)  # fmt: skip
+                victim.transport.close()
 
     return GuardedHTTPProtocol
 
