@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=REPO / "bench/results/toy-models")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench/results", help="scorer logs go here")
     p.add_argument("--scorer-threads", type=int, default=1, help="torch threads of the scorer")
-    p.add_argument("--long-rows", type=int, default=2048, help="texts of ~512 tokens in the first big request")
+    p.add_argument(
+        "--long-rows", type=int, default=2048, help="texts of ~512 tokens in the first big request"
+    )
     p.add_argument("--big-mb", type=float, default=48.0, help="size of the second big request's body")
     p.add_argument("--small", type=int, default=100_000, help="most small requests per situation")
     p.add_argument("--gap-ms", type=float, default=100.0, help="pause between small requests")
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         alone = small_latencies(url, threading.Event(), min(args.small, 40), gap)
         logger.info("alone: p50 %.3f s, p99 %.3f s", pct(alone, 0.5), pct(alone, 0.99))
         rows, rows_s = behind(url, long_body, True, args.small, gap)
-        logger.info("behind %d long rows: p99 %.3f s (big request %.1f s)", args.long_rows, pct(rows, 0.99), rows_s)
+        logger.info(
+            "behind %d long rows: p99 %.3f s (big request %.1f s)", args.long_rows, pct(rows, 0.99), rows_s
+        )
         time.sleep(args.settle_s)
         start = rss_mb(pid)
         peak_reset = reset_peak(pid)
@@ -184,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         peak_mb = max(peak[0], rss_mb(pid, "VmHWM")) if peak_reset else peak[0]
         time.sleep(args.settle_s)
         final = rss_mb(pid)
-        logger.info("behind %.1f MB: p99 %.3f s (big request %.1f s)", len(big_body) / MB, pct(big, 0.99), big_s)
+        logger.info(
+            "behind %.1f MB: p99 %.3f s (big request %.1f s)", len(big_body) / MB, pct(big, 0.99), big_s
+        )
     body_mb = len(big_body) / MB
     print(f"\nScorer latency and memory (toy models, {args.scorer_threads} torch thread(s), 2-core host)")
     print(f"  {'1-item requests':<34} {'n':>4} {'p50 s':>8} {'p99 s':>8}   big request's own time")
