@@ -1,11 +1,14 @@
 """Giving freed memory back to the operating system (glibc).
 
-Freeing a Python object returns its memory to the C allocator, not to the system: glibc keeps
-freed blocks of its heaps (one per thread that allocated, "arenas") for reuse, so the process'
-resident memory stays at its peak. After one 47.7 MB request the scorer held 3.6 GB that nothing
-used. :func:`release` asks glibc (``malloc_trim``) to hand every free page of every arena back;
-the service calls it after a big request's intermediates are gone. Elsewhere (musl, macOS) it
-does nothing.
+Freeing a Python object returns its memory to the C allocator, not necessarily to the system:
+glibc keeps freed blocks of its heaps (one per thread that allocated, "arenas") for reuse, unless
+they were big enough to be mapped on their own. :func:`release` asks glibc (``malloc_trim``) to hand
+every free page of every arena back; the service calls it after a big request's intermediates
+are gone. What made the scorer keep 3.6 GB after one 47.7 MB request was the intermediates
+themselves (whole texts tokenised, then thrown away); with those bounded, glibc returned nearly
+everything by itself in our measurements (RSS a few seconds after a 45-48 MB body: +18 to +47 MB
+with this trim and the same without it, within a few MB), so this is insurance for heaps
+fragmented by many mid-size requests, not the fix. Elsewhere (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
