@@ -8,6 +8,9 @@ service), and hands the complete body to the app as one ``bytearray`` (which the
 free it early; nothing else keeps a reference). A request rejected before its body was read is
 answered with ``Connection: close``, so an unauthenticated 57 MB upload is not read at all.
 
+:func:`unless_disconnected` runs a route's work until the client hangs up, then cancels it
+(:class:`ClientGone`: the route answers 499, which nobody reads and ``/metrics`` counts apart).
+
 :class:`ErrorBarrier` answers a JSON 500 for any exception from the app and does not re-raise it:
 an exception that reaches the server closes the keep-alive connection, which other well-behaved
 requests of that client then see as ``Connection reset by peer``.
@@ -16,12 +19,14 @@ requests of that client then see as ``Connection reset by peer``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("alignment.scoring.service")
@@ -156,6 +161,37 @@ def _replay(body: bytearray, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before its answer was ready."""
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """The result of ``work``; cancels it (dropping its queued items) when the client hangs up.
+
+    ``task.cancel()`` only asks: the task is not cancelled until it next runs, so the hang-up is
+    decided by which of the two finished, never by ``task.cancelled()`` right after asking (which
+    was still False, so ``task.result()`` raised and a hang-up was answered and counted as 500).
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # its cleanup (dropping queued items, stopping its tokenisation) runs now
+    if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+        raise ClientGone()
+    return task.result()
 
 
 class ErrorBarrier:

@@ -15,14 +15,13 @@ given ``url="auto"``. Listening beyond loopback without ``--token`` generates a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +42,7 @@ from alignment.scoring.address import default_address_file, remove_address_file,
 from alignment.scoring.batcher import BatchStats, Encoded, RewardCostScorer, TextEncodingError, plan_forwards
 from alignment.scoring.body import max_values_for, parse_request
 from alignment.scoring.encoder_pool import EncoderPool
-from alignment.scoring.gate import ErrorBarrier, RequestGate
+from alignment.scoring.gate import ClientGone, ErrorBarrier, RequestGate, unless_disconnected
 from alignment.scoring.limits import ApiError, RequestLimits, check_texts
 from alignment.scoring.metrics import RequestCounter, ScorerMetrics
 from alignment.scoring.scheduler import BatchScheduler, QueueFull, SchedulerStopped
@@ -78,37 +77,6 @@ logger = logging.getLogger("alignment.scoring.service")
 # once the request's intermediates are gone (alignment.scoring.heap).
 BIG_BODY_BYTES = 1 << 20
 HANG_UP = 499  # nginx's "client closed request": answered to nobody, counted apart in /metrics
-
-
-class _ClientGone(Exception):
-    """The caller closed its connection before its answer was ready."""
-
-
-async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable):
-    """The result of ``work``; cancels it (dropping its queued items) when the client hangs up.
-
-    ``task.cancel()`` only asks: the task is not cancelled until it next runs, so the hang-up is
-    decided by which of the two finished, never by ``task.cancelled()`` right after asking (which
-    was still False, so ``task.result()`` raised and a hang-up was answered and counted as 500).
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task  # its cleanup (dropping queued items, stopping its tokenisation) runs now
-    if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
-        raise _ClientGone()
-    return task.result()
 
 
 class _Templated(Sequence[str]):
@@ -206,37 +174,23 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
             message = "request body could not be parsed: it must be UTF-8 encoded JSON"
         return _error(exc.status_code, message, getattr(exc, "headers", None))
 
-    async def read_request(request: Request, model: type[ScoreRequest] | type[ScoreTextsRequest]):
-        """The parsed, validated and limit-checked body: (texts, name of item i)."""
-        body = bytearray()
-        async for chunk in request.stream():  # the gate's one bytearray, or nothing
-            if isinstance(chunk, bytearray) and not body:
-                body = chunk
-            else:
-                body += chunk
-            del chunk
-        big = len(body) >= BIG_BODY_BYTES
-        max_values = max_values_for(model, settings.max_items)
-        content_type = request.headers.get("content-type")
-
-        def parse():
-            req = parse_request(body, content_type, model, max_values)
-            if isinstance(req, ScoreRequest):
-                if len(req.prompts) != len(req.responses):
-                    raise ApiError(
-                        422,
-                        f"prompts and responses differ in length: {len(req.prompts)} != {len(req.responses)}",
-                    )
-                check_texts(limits, "prompts", req.prompts)
-                check_texts(limits, "responses", req.responses)
-                texts: Sequence[str] = _Templated(req.prompts, req.responses, scorer.eos_token)
-                return texts, lambda i: f"prompts[{i}]/responses[{i}]"
-            check_texts(limits, "texts", req.texts)
-            return req.texts, lambda i: f"texts[{i}]"
-
-        if not big:
-            return parse(), big
-        return await asyncio.get_running_loop().run_in_executor(None, parse), big
+    def parse(body: bytearray, content_type: str | None, model: type[ScoreRequest] | type[ScoreTextsRequest]):
+        """The parsed, validated and limit-checked body: (texts, name of item i). Empties ``body``."""
+        try:
+            req = parse_request(body, content_type, model, max_values_for(model, settings.max_items))
+        finally:
+            body.clear()  # also when it was refused before being decoded
+        if isinstance(req, ScoreRequest):
+            if len(req.prompts) != len(req.responses):
+                raise ApiError(
+                    422, f"prompts and responses differ in length: {len(req.prompts)} != {len(req.responses)}"
+                )
+            check_texts(limits, "prompts", req.prompts)
+            check_texts(limits, "responses", req.responses)
+            texts: Sequence[str] = _Templated(req.prompts, req.responses, scorer.eos_token)
+            return texts, lambda i: f"prompts[{i}]/responses[{i}]"
+        check_texts(limits, "texts", req.texts)
+        return req.texts, lambda i: f"texts[{i}]"
 
     async def score_all(texts: Sequence[str], truncated: list[int], big: bool) -> list[tuple[float, float]]:
         async def parts() -> AsyncIterator[tuple[list[Encoded], list[int]]]:
@@ -249,17 +203,27 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
         return await scheduler.submit_parts(len(texts), parts())
 
     async def handle(request: Request, model: type[ScoreRequest] | type[ScoreTextsRequest]):
-        big = False
+        body = bytearray()
+        async for chunk in request.stream():  # the gate's one bytearray (or nothing)
+            body = chunk if isinstance(chunk, bytearray) and not body else body + chunk
+            del chunk
+        big = len(body) >= BIG_BODY_BYTES
+        loop = asyncio.get_running_loop()
         try:
-            (texts, name), big = await read_request(request, model)
+            content_type = request.headers.get("content-type")
+            if big:
+                texts, name = await loop.run_in_executor(None, parse, body, content_type, model)
+            else:
+                texts, name = parse(body, content_type, model)
+            del body  # emptied by parse; dropped here
             if not len(texts):
                 return ScoreResponse(rewards=[], costs=[], truncated=[])
             n, truncated = len(texts), []
             work = score_all(texts, truncated, big)
             del texts  # the tokenising slices hold them until the last slice is done
             try:
-                results = await _unless_disconnected(request, work)
-            except _ClientGone:
+                results = await unless_disconnected(request, work)
+            except ClientGone:
                 return Response(status_code=HANG_UP)  # nobody reads it; counted apart in /metrics
             except TextEncodingError as exc:
                 raise ApiError(422, f"{name(exc.index)} cannot be tokenised: {exc.reason}") from None
@@ -270,8 +234,8 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
             except Exception as exc:  # this request's own failure (the scheduler isolated it)
                 raise ApiError(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
         except (ApiError, RequestValidationError):
-            if big:  # a big body that was refused: its parse is gone too
-                await asyncio.get_running_loop().run_in_executor(None, heap.release)
+            if big:  # a big body that was refused: it and its parse are gone too
+                await loop.run_in_executor(None, heap.release)
             raise
         bad = [i for i, (r, c) in enumerate(results) if not (math.isfinite(r) and math.isfinite(c))]
         if bad:
