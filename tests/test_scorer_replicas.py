@@ -99,8 +99,9 @@ def test_discovery_rereads_the_directory(toy_models, replicas, reference, tmp_pa
     stale = directory / "scorer-127.0.0.1-9.json"
     stale.write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": 999999999, "hostname": "gone"}))
 
+    # 2 pairs per request: every call is several requests, so both replicas are tried from the first
     client = ScorerClient("auto", address_dir=directory, token=ours, refresh_interval=0.2, backoff=0.1,
-                          max_backoff=0.5)  # fmt: skip
+                          max_backoff=0.5, batch_size=2)  # fmt: skip
     out = client.score(PROMPTS[:6], RESPONSES[:6])
     assert out.rewards == reference.rewards[:6]
     assert "http://127.0.0.1:9 does not answer" in caplog.text and str(stale) in caplog.text

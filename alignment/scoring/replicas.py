@@ -217,8 +217,10 @@ class ReplicaPool:
     def reject(self, replica: Replica, why: str) -> None:
         """``replica`` refused our token: not ours (another job's scorer) or a token given by hand."""
         with self._lock:
-            replica.rejected = why
+            newly, replica.rejected = replica.rejected is None, why
             replica.failures += 1
+        if not newly:  # requests that were in flight together: said once
+            return
         where = f" (address file {replica.address.source})" if replica.address.source else ""
         logger.error("scorer %s rejected the bearer token: %s%s; skipping it", replica.url, why, where)
 
