@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignment import cli
 from alignment.char_diffusion.config import PretrainConfig
 from alignment.char_diffusion.data import CharData
 from alignment.char_diffusion.loop import run_cli, run_supervised
@@ -72,10 +73,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         cleanup(rt)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     out = run_cli(__doc__, PretrainConfig, pretrain, argv, "YAML recipe (flags override it)")
     print(f"generator: {out['checkpoint']}  val {out['eval']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

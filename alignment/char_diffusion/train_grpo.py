@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from alignment import cli
 from alignment.char_diffusion import runtime as rt_
 from alignment.char_diffusion.checkpoint import CKPT_NAME, fingerprint, load_model, save_checkpoint
 from alignment.char_diffusion.config import GRPOConfig
@@ -35,6 +36,7 @@ from alignment.char_diffusion.judge import judge_rewards
 from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state, run_cli
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
+from alignment.cli import UserError
 from alignment.config import config_to_dict
 from alignment.distributed import cleanup, micro_sync, wrap
 
@@ -129,7 +131,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
         ckpt = resume_state(ckpt_path, policy, data.vocab, optimizer, scheduler)
         for what, source in (("reference", "generator_checkpoint"), ("judge", "judge_checkpoint")):
             if ckpt["extra"].get(f"{what}_fingerprint") != frozen[f"{what}_fingerprint"]:
-                raise ValueError(f"{ckpt_path}: the {what} model differs from the one this run started with "
+                raise UserError(f"{ckpt_path}: the {what} model differs from the one this run started with "
                                  f"({source} {frozen[source]} changed?)")  # fmt: skip
         start = ckpt["iteration"]
     ddp = wrap(policy, rt)
@@ -203,7 +205,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
             "policy": policy, "wrapper": type(ddp).__name__}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     out = run_cli(
         __doc__,
         GRPOConfig,
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"held-out judge reward {e0['mean_reward']:.4f} (iteration {s0}) -> {e1['mean_reward']:.4f} "
               f"(iteration {s1}); fill accuracy {e0['fill_accuracy']:.4f} -> {e1['fill_accuracy']:.4f}")  # fmt: skip
     print(f"policy: {out['checkpoint']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignment import cli
 from alignment.char_diffusion.checkpoint import load_model, load_strict
 from alignment.char_diffusion.config import JudgeConfig
 from alignment.char_diffusion.data import CharData, check_same_vocab
@@ -106,10 +107,11 @@ def train_judge(cfg: JudgeConfig, resume: bool = False) -> dict[str, Any]:
         cleanup(rt)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     out = run_cli(__doc__, JudgeConfig, train_judge, argv, "YAML recipe (flags override it)")
     print(f"judge: {out['checkpoint']}  val {out['eval']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
