@@ -93,7 +93,11 @@ def test_grpo_command_line_metrics_samples_and_checkpoint(char_diffusion_models,
            "--sample_interval", "2", "--save_interval", "2"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out judge reward" in proc.stdout and "fill accuracy" in proc.stdout
+    table = proc.stdout.splitlines()
+    assert table[0].split() == ["held-out", "iteration", "judge", "reward", "fill", "accuracy"]
+    assert table[1].split()[:2] == ["start", "0"] and table[2].split()[:2] == ["last", "3"]
+    assert f"best held-out fill accuracy: {out / 'best' / 'ckpt.pt'}" in proc.stdout
+    assert read_checkpoint(out / "best" / "ckpt.pt", "generator")["iteration"] in (0, 3)
     config = json.loads((out / "config.json").read_text())
     assert (config["group_size"], config["kl_beta"], config["learning_rate"]) == (4, 0.2, 5e-6)
     assert (config["temperature"], config["top_p"], config["kl_estimator"]) == (0.8, 0.95, "exact")

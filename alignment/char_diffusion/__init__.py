@@ -1,6 +1,6 @@
 """Masked character diffusion with GRPO fill-in against a frozen judge.
 
-    python -m alignment.char_diffusion.prepare --input input.txt --out data/char_diffusion
+    python -m alignment.char_diffusion.prepare --input input.txt --out models/char_diffusion/gpu/data
     python -m alignment.char_diffusion.train --config alignment/char_diffusion/train.yaml
     python -m alignment.char_diffusion.train_judge --config alignment/char_diffusion/judge.yaml
     python -m alignment.char_diffusion.train_grpo --config alignment/char_diffusion/grpo.yaml

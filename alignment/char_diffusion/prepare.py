@@ -1,6 +1,6 @@
 """Turn a text file into the token files and vocabulary of a character diffusion run.
 
-    python -m alignment.char_diffusion.prepare --input input.txt --out data/char_diffusion \\
+    python -m alignment.char_diffusion.prepare --input input.txt --out models/char_diffusion/gpu/data \\
         [--block_size 256] [--val_fraction 0.1]
 
 Writes ``train.bin``, ``val.bin`` and ``meta.json`` into ``--out`` (see :mod:`.data`). The split is

@@ -1,7 +1,7 @@
 """Pretrain the generator: predict the hidden characters of line-aligned blocks (masked-token loss).
 
     python -m alignment.char_diffusion.train --config alignment/char_diffusion/train.yaml \\
-        [--dataset data/char_diffusion --out_dir out-char-diffusion --max_iters 5000] [--resume]
+        [--dataset models/char_diffusion/gpu/data --out_dir models/char_diffusion/gpu/generator --max_iters 5000] [--resume]
     torchrun --nproc_per_node 4 -m alignment.char_diffusion.train --config ...
 
 The loss is the cross-entropy at the masked positions only, averaged over them. ``--resume``

@@ -1,7 +1,7 @@
 """Train the judge on the generator's own fills: predict the fraction of characters they changed.
 
     python -m alignment.char_diffusion.train_judge --config alignment/char_diffusion/judge.yaml \\
-        [--generator_checkpoint out-char-diffusion/ckpt.pt --out_dir out-judge] [--resume]
+        [--generator_checkpoint models/char_diffusion/gpu/generator/ckpt.pt --out_dir models/char_diffusion/gpu/judge] [--resume]
 
 The generator is frozen. Each example masks ``mask_min``–``mask_max`` of a line-aligned block, fills
 it by sampling the generator (``temperature``, ``top_p``, special tokens excluded) and is labelled
