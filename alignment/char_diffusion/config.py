@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignment.char_diffusion.masking import Strategy
+from alignment.char_diffusion.model import JudgeHead
 from alignment.config import field_help as _help
 from alignment.pg.advantages import Baseline, Scale
 from alignment.pg.kl import KLEstimator
@@ -105,6 +106,13 @@ class JudgeConfig(ModelShape, RunConfig):
     mask_max: float = 0.5
     fills_per_block: int = field(
         default=4, metadata=_help("fills of each masked block (rows = batch_size × this)")
+    )
+    judge_head: JudgeHead = field(
+        default="cls",
+        metadata=_help(
+            "cls: one logit at [CLS] for the corrupted fraction (the seed's); tokens: one per "
+            "character, was it replaced (ELECTRA), the fraction is their mean"
+        ),  # fmt: skip
     )
     temperature: float = 0.8
     top_p: float = 0.95

@@ -52,7 +52,7 @@ def evaluate(
             )
             draws = draw_fills(dist, cfg.group_size, rt_.slot_generator(seed, -1, i, "eval-fills", rt.device))
             filled = place_fills(inp, mask, draws)
-            reward = judge_rewards(judge, filled.flatten(0, 1)).view(filled.shape[:2])  # [B, k]
+            reward = judge_rewards(judge, filled, inp, mask)  # [B, k]
         truth = tokens[mask]
         acc = fill_accuracies(draws, tokens, mask)  # [B, k]
         share, pairs = pair_agreement(reward, acc)
