@@ -38,24 +38,26 @@ def test_pair_agreement_counts_informative_pairs_and_halves_ties():
     assert pairs == 0 and share != share  # nan: nothing to rank
 
 
-def test_hacking_watch_needs_consecutive_reward_up_accuracy_down():
-    watch = HackingWatch(patience=2)
+def test_hacking_watch_compares_with_the_most_accurate_evaluation():
+    watch = HackingWatch(patience=2, tolerance=0.005)
     assert watch.update(0, 0.50, 0.40) is None
-    assert watch.update(10, 0.55, 0.39) is None  # once: could be noise
-    message = watch.update(20, 0.60, 0.35)
+    assert watch.update(10, 0.55, 0.38) is None  # once: could be noise
+    message = watch.update(20, 0.56, 0.39)  # accuracy recovered a little, still well below 0.40: flagged
     assert message is not None and message.startswith("judge hacking")
-    assert "0.5000 -> 0.6000" in message and "0.4000 -> 0.3500" in message and "iterations 0-20" in message
-    assert watch.update(30, 0.61, 0.30) is not None  # still in the streak: still flagged
-    assert watch.update(40, 0.62, 0.31) is None  # accuracy rose: the streak ends
-    assert watch.update(50, 0.61, 0.30) is None  # both fell: not the hacking pattern
-    assert watch.update(60, 0.61, 0.29) is None  # reward flat is not "rising"
-    assert watch.flagged == [20, 30]
+    assert "0.5000 -> 0.5600" in message and "0.4000 -> 0.3900" in message and "iteration 0" in message
+    assert watch.update(30, 0.57, 0.38) is not None  # still in the streak: still flagged
+    assert watch.update(40, 0.49, 0.38) is None  # reward below the reference's: not the pattern
+    assert watch.update(50, 0.60, 0.397) is None  # within the tolerance of the best accuracy: noise
+    assert watch.update(60, 0.60, 0.41) is None  # a new most accurate evaluation: the new reference
+    assert watch.update(70, 0.61, 0.40) is None
+    assert watch.update(80, 0.62, 0.40) is not None  # reward above and accuracy below 0.41, twice
+    assert watch.flagged == [20, 30, 80]
     never = HackingWatch(patience=0)
     assert all(never.update(i, 0.1 * i, -0.1 * i) is None for i in range(5))
 
 
 def test_hacking_watch_and_best_resume_mid_streak():
-    seq = [(0, 0.5, 0.40), (1, 0.6, 0.45), (2, 0.7, 0.44), (3, 0.8, 0.43), (4, 0.9, 0.42)]
+    seq = [(0, 0.5, 0.40), (1, 0.6, 0.45), (2, 0.7, 0.43), (3, 0.8, 0.42), (4, 0.9, 0.41)]
     whole, best = HackingWatch(2), BestKeeper()
     out_whole = [(whole.update(*e), best.improves(e[0], e[2], e[1])) for e in seq]
     first, best_a = HackingWatch(2), BestKeeper()

@@ -172,9 +172,12 @@ class GRPOConfig(RunConfig):
     hack_patience: int = field(
         default=2,
         metadata=_help(
-            "warn 'judge hacking' after this many evaluations in a row with reward up and "
-            "fill accuracy down (0: never)"
-        ),  # fmt: skip
+            "warn 'judge hacking' after this many evaluations in a row with the reward above and the "
+            "fill accuracy below the most accurate evaluation so far (0: never)"
+        ),
+    )
+    hack_tolerance: float = field(
+        default=0.005, metadata=_help("how far below the best fill accuracy counts as fallen")
     )
     wandb_project: str = "grpo"
     wandb_run_name: str | None = "grpo_run"
@@ -190,9 +193,11 @@ class GRPOConfig(RunConfig):
             or self.eval_batch_size < 1
             or self.sample_interval < 0
             or self.hack_patience < 0
+            or self.hack_tolerance < 0
         ):
             raise ValueError(
-                "num_inner_epochs and eval_batch_size must be >= 1, sample_interval and hack_patience >= 0"
+                "num_inner_epochs and eval_batch_size must be >= 1; sample_interval, hack_patience and "
+                "hack_tolerance >= 0"
             )
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.kl_beta < 0:
             raise ValueError("need temperature > 0, 0 < top_p <= 1, kl_beta >= 0")

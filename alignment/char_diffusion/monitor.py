@@ -6,8 +6,9 @@ here compares the judge's opinion with the ground truth.
   accuracy does. GRPO only ever uses the judge's ranking inside a group (advantages are
   group-relative), so this, not the judge's error across blocks, is the judge quality that
   decides whether GRPO helps.
-* :class:`HackingWatch`: the held-out evaluations in order; reward rising while fill accuracy
-  falls for ``patience`` consecutive evaluations is the judge-hacking pattern, and it says so.
+* :class:`HackingWatch`: the held-out evaluations in order; reward above and fill accuracy below
+  the most accurate evaluation so far, ``patience`` evaluations in a row, is the judge-hacking
+  pattern, and it says so.
 * :class:`BestKeeper`: the best held-out fill accuracy so far, to keep a ``best/`` checkpoint by it.
 
 Both classes round-trip through ``state_dict`` so that a resumed run warns and keeps ``best/``
@@ -52,48 +53,49 @@ def pair_agreement(scores: torch.Tensor, truth: torch.Tensor) -> tuple[float, in
 
 @dataclass
 class HackingWatch:
-    """Flags judge hacking: the held-out reward rose and the held-out fill accuracy fell from one
-    evaluation to the next, ``patience`` times in a row (0: never flags).
+    """Flags judge hacking in the held-out evaluations of a run.
 
-    :meth:`update` returns the warning text while the pattern holds (every evaluation of the streak
-    from the ``patience``-th on), else None.
+    The reference is the most accurate evaluation so far (where ``best/`` was saved). An evaluation
+    diverges from it when its judge reward is higher and its fill accuracy lower by more than
+    ``tolerance``; ``patience`` diverging evaluations in a row are judge hacking (0: never flags).
+    Comparing with the reference, not only with the previous evaluation, catches an accuracy that
+    drops at once and then stays down while the reward keeps creeping up. :meth:`update` returns the
+    warning text at every evaluation of such a streak from the ``patience``-th on, else None.
     """
 
     patience: int = 2
+    tolerance: float = 0.005
     streak: int = 0
-    last: tuple[int, float, float] | None = None  # (iteration, reward, accuracy) of the previous eval
-    start: tuple[int, float, float] | None = None  # the first evaluation of the current streak's run-up
+    reference: tuple[int, float, float] | None = None  # (iteration, reward, accuracy) of the most accurate
     flagged: list[int] = field(default_factory=list)  # iterations at which it warned
 
     def update(self, iteration: int, reward: float, accuracy: float) -> str | None:
-        prev, self.last = self.last, (iteration, reward, accuracy)
-        if prev is None:
+        if self.reference is None or accuracy > self.reference[2]:
+            self.reference, self.streak = (iteration, reward, accuracy), 0
             return None
-        if reward > prev[1] and accuracy < prev[2]:
-            if self.streak == 0:
-                self.start = prev
-            self.streak += 1
-        else:
-            self.streak = 0
+        it0, r0, a0 = self.reference
+        self.streak = self.streak + 1 if reward > r0 and accuracy < a0 - self.tolerance else 0
         if self.patience < 1 or self.streak < self.patience:
             return None
         self.flagged.append(iteration)
-        it0, r0, a0 = self.start
         return (
             f"judge hacking: held-out judge reward rose {r0:.4f} -> {reward:.4f} while fill accuracy fell "
-            f"{a0:.4f} -> {accuracy:.4f} over {self.streak} consecutive evaluations (iterations {it0}-{iteration}): "
-            f"the policy is exploiting the judge, not learning the text; best/ keeps the most accurate "
-            f"policy. Stop, or raise kl_beta, lower learning_rate, or train a better judge"
+            f"{a0:.4f} -> {accuracy:.4f} (iteration {it0}, the most accurate so far, to {iteration}; "
+            f"{self.streak} evaluations in a row): the policy is exploiting the judge, not learning the text; "
+            f"best/ keeps iteration {it0}. Stop, or raise kl_beta, lower learning_rate, or train a better "
+            f"judge (its pair agreement)"
         )
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.patience = int(state["patience"])
-        self.streak = int(state["streak"])
-        self.last = tuple(state["last"]) if state["last"] is not None else None
-        self.start = tuple(state["start"]) if state["start"] is not None else None
+        self.patience, self.tolerance, self.streak = (
+            int(state["patience"]),
+            float(state["tolerance"]),
+            int(state["streak"]),
+        )
+        self.reference = tuple(state["reference"]) if state["reference"] is not None else None
         self.flagged = [int(i) for i in state["flagged"]]
 
 

@@ -96,7 +96,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
                 raise UserError(f"{ckpt_path}: the {what} model differs from the one this run started with "
                                  f"({source} {frozen[source]} changed?)")  # fmt: skip
         start = ckpt["iteration"]
-    watch, best = HackingWatch(cfg.hack_patience), BestKeeper()
+    watch, best = HackingWatch(cfg.hack_patience, cfg.hack_tolerance), BestKeeper()
     evals: list[tuple[int, dict[str, float]]] = []
     if resume and "watch" in ckpt["extra"]:  # (checkpoints of earlier versions hold no monitor state)
         watch.load_state_dict(ckpt["extra"]["watch"])
