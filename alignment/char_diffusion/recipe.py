@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from alignment import cli
 from alignment.atomic import write_text
@@ -94,6 +97,9 @@ def run_seed(cfgs: dict[str, Any], seed: int) -> dict[str, Any]:
     """Pretrain, judge and GRPO for one seed (each reused when complete, resumed when interrupted);
     returns GRPO's evaluations, the stages' validation figures and their wall times."""
     seconds: dict[str, float] = {}
+    load: dict[
+        str, list[float]
+    ] = {}  # 1-minute load average before and after each stage: how busy the machine was
     results: dict[str, Any] = {}
     for stage, fn in (("train", pretrain), ("judge", train_judge), ("grpo", train_grpo)):
         cfg = cfgs[stage]
@@ -104,13 +110,15 @@ def run_seed(cfgs: dict[str, Any], seed: int) -> dict[str, Any]:
         # an interrupted stage resumes; a complete GRPO run resumed at max_iters trains nothing and
         # returns its stored evaluations
         resume = (out_dir / CKPT_NAME).is_file()
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()[0]
         results[stage] = fn(cfg, resume=resume)
         seconds[stage] = time.perf_counter() - start
+        load[stage] = [load_before, os.getloadavg()[0]]
     grpo = results["grpo"]
     return {"seed": seed, "evals": grpo["evals"], "best": grpo["best"], "judge_hacking": grpo["judge_hacking"],
             "generator_val": _last_val(Path(cfgs["train"].out_dir)), "judge_val": _last_val(Path(cfgs["judge"].out_dir)),
-            "seconds": seconds}  # fmt: skip
+            "seconds": seconds, "load": load, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
 
 
 def _last_val(out_dir: Path) -> dict[str, float]:
