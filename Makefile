@@ -61,6 +61,7 @@ bench: setup
 	$(OFFLINE) $(PY) bench/noise_devices.py
 	$(OFFLINE) $(PY) bench/grpo_step.py
 	$(OFFLINE) $(PY) bench/char_diffusion_grpo.py
+	$(OFFLINE) $(PY) bench/char_diffusion_threads.py
 	$(OFFLINE) $(PY) bench/persona_rl.py
 
 clean-models:

@@ -136,3 +136,35 @@ def test_resumed_run_keeps_the_watch_and_best(char_diffusion_models, tmp_path):
     assert [i for i, _ in resumed["evals"]] == [0, 2, 4, 6]
     for (i, a), (j, b) in zip(resumed["evals"], whole["evals"], strict=True):
         assert i == j and a == b  # bit-identical: resume on CPU continues exactly (same thread count)
+
+
+def test_evaluate_command_scores_checkpoints_at_several_temperatures(char_diffusion_models, tmp_path, capsys):
+    from alignment.char_diffusion.evaluate import main as evaluate_main
+
+    m = char_diffusion_models
+    config = tmp_path / "eval.yaml"
+    # top_p 1: the entropy of softmax(z / T) rises with T, strictly unless all logits tie
+    config.write_text(f"dataset: {m['data']}\njudge_checkpoint: {m['judge']}\ntop_p: 1.0\neval_iters: 1\n"
+                      "eval_batch_size: 4\ngroup_size: 4\n")  # fmt: skip
+    assert (
+        evaluate_main(["--config", str(config), "--policy", m["generator"], "--temperature", "0.8", "0.4"])
+        == 0
+    )
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["0.80", "0.40"]
+    entropy = {r[1]: float(r[5]) for r in rows}
+    assert entropy["0.40"] < entropy["0.80"]
+
+
+def test_importing_char_diffusion_makes_openmp_wait_passively_unless_told(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, alignment.char_diffusion; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "ACTIVE"

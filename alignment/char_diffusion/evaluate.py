@@ -12,21 +12,31 @@ them (temperature, top-p, special tokens removed) and reports
 
 The blocks, masks and draws come from generators seeded by ``eval_seed`` (default: ``seed``), the
 same at every evaluation of a run, so two evaluations differ only by the policy.
+
+    python -m alignment.char_diffusion.evaluate --config alignment/char_diffusion/cpu/grpo.yaml \
+        --dataset D --judge_checkpoint J --policy GEN.pt GRPO.pt --temperature 0.8 0.5
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
+from alignment import cli
 from alignment.char_diffusion import runtime as rt_
+from alignment.char_diffusion.checkpoint import load_model
 from alignment.char_diffusion.config import GRPOConfig
-from alignment.char_diffusion.data import CharData, Vocab
+from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
 from alignment.char_diffusion.grpo import Rollout
 from alignment.char_diffusion.judge import judge_rewards
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.monitor import fill_accuracies, pair_agreement
 from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
+from alignment.config import load_config
+
+FIGURES = ("mean_reward", "fill_accuracy", "argmax_accuracy", "entropy", "judge_pair_agreement")
 
 
 def _entropy(dist: torch.Tensor) -> torch.Tensor:
@@ -89,3 +99,40 @@ def format_samples(vocab: Vocab, ro: Rollout, iteration: int, row: int = 0) -> s
             f"r={float(ro.rewards[row, j]):.3f} {right:3d}/{int(mask.sum())}  {vocab.decode(fill, readable=True)}"
         )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m alignment.char_diffusion.evaluate``: the held-out figures of generator checkpoints
+    (a pretrained generator, a GRPO ``ckpt.pt`` or ``best/ckpt.pt``) against a judge, at one or more
+    sampling temperatures; the other settings (masks, eval blocks, group size, top-p) from a GRPO
+    YAML. Lowering the temperature of the pretrained generator is the baseline GRPO has to beat."""
+    p = cli.parser(main.__doc__)
+    p.add_argument("--config", required=True, help="GRPO YAML whose masks and eval settings to use")
+    p.add_argument("--policy", nargs="+", required=True, help="generator checkpoints to evaluate")
+    p.add_argument("--judge_checkpoint", help="judge (default: the YAML's)")
+    p.add_argument("--dataset", help="prepared data folder (default: the YAML's)")
+    p.add_argument("--temperature", type=float, nargs="+", help="sampling temperatures (default: the YAML's)")
+    a = p.parse_args(argv)
+    overrides = {k: v for k, v in (("judge_checkpoint", a.judge_checkpoint), ("dataset", a.dataset)) if v}
+    cfg = load_config(GRPOConfig, a.config, overrides)
+    data = CharData(cfg.dataset)
+    judge, judge_vocab, _ = load_model(cfg.judge_checkpoint, "judge", "judge_checkpoint")
+    check_same_vocab(judge_vocab, cfg.judge_checkpoint, data.vocab, str(data.meta_path))
+    rt = rt_.setup_runtime(cfg)
+    judge.to(rt.device).eval()
+    print(f"{'policy':40} {'T':>5} " + " ".join(f"{k:>20}" for k in FIGURES))
+    for path in a.policy:
+        policy, vocab, _ = load_model(path, "generator", "policy")
+        check_same_vocab(vocab, path, data.vocab, str(data.meta_path))
+        policy.to(rt.device).eval()
+        for t in a.temperature or [cfg.temperature]:
+            ev = evaluate(policy, judge, data, replace(cfg, temperature=t), rt)
+            print(
+                f"{str(path)[-40:]:40} {t:5.2f} "
+                + " ".join(f"{ev.get(k, float('nan')):20.4f}" for k in FIGURES)
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
