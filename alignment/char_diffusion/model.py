@@ -184,9 +184,10 @@ class Judge(nn.Module):
         return torch.cat([cls, idx], dim=1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        layout = self.layout(idx)  # checks the length
         if self.args.judge_head == "denoise":  # the generator's computation: no [CLS]
-            return self.head(self.body(self.layout(idx)[:, 1:]))
-        hidden = self.body(self.layout(idx))
+            return self.head(self.body(idx))
+        hidden = self.body(layout)
         if self.args.judge_head == "tokens":
             return self.head(hidden[:, 1:]).squeeze(-1)
         return self.head(hidden[:, 0]).squeeze(-1)
