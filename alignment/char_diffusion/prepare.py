@@ -20,6 +20,7 @@ import numpy as np
 
 from alignment import cli
 from alignment.atomic import write_bytes, write_text
+from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import META_FILE, META_FORMAT, CharData, Vocab
 from alignment.cli import UserError
 
@@ -98,7 +99,9 @@ def prepare(input_path: str | Path, out_dir: str | Path, block_size: int = 256,
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--input", required=True, help="a UTF-8 text file")
-    p.add_argument("--out", required=True, help="folder for train.bin, val.bin, meta.json")
+    p.add_argument(
+        "--out", default=RunConfig.dataset, help="folder for train.bin, val.bin, meta.json (the GPU recipe's)"
+    )
     p.add_argument("--block_size", type=int, default=256, help="characters per training block")
     p.add_argument(
         "--val_fraction", type=float, default=0.1, help="share of the text held out (at a line start)"

@@ -188,11 +188,11 @@ def run_recipe(recipe: str | Path = CPU_RECIPE, overrides: dict[str, Any] | None
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument(
-        "--recipe", default=str(CPU_RECIPE.relative_to(HERE.parents[1])), help="recipe.yaml of a recipe"
-    )
+    p.add_argument("--recipe", default="cpu",
+                   help="a recipe folder of alignment/char_diffusion/ (cpu) or the path of a recipe.yaml")  # fmt: skip
     p.add_argument("--text", help="UTF-8 text to train on (default: the recipe's)")
-    p.add_argument("--out", help="output folder (default: the recipe's)")
+    out = p.add_argument("--out", help="output folder (default: the recipe's)")
+    out.config_default = RecipeConfig.out  # what applies unless the recipe or the flag says otherwise
     p.add_argument(
         "--seeds", type=int, nargs="+", help="seeds to run, each a whole pipeline (default: the recipe's)"
     )
@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     start = time.perf_counter()
-    result = run_recipe(a.recipe, overrides)
+    recipe = (
+        HERE / a.recipe / "recipe.yaml" if (HERE / a.recipe / "recipe.yaml").is_file() else Path(a.recipe)
+    )
+    result = run_recipe(recipe, overrides)
     print("\n".join(result["table"]))
     for run in result["runs"]:
         if run["judge_hacking"]:
