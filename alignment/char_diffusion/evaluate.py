@@ -120,17 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     check_same_vocab(judge_vocab, cfg.judge_checkpoint, data.vocab, str(data.meta_path))
     rt = rt_.setup_runtime(cfg)
     judge.to(rt.device).eval()
-    print(f"{'policy':40} {'T':>5} " + " ".join(f"{k:>20}" for k in FIGURES))
+    width = max(len("policy"), *(len(p) for p in a.policy))
+    print(f"{'policy':{width}} {'T':>5} " + " ".join(f"{k:>20}" for k in FIGURES))
     for path in a.policy:
         policy, vocab, _ = load_model(path, "generator", "policy")
         check_same_vocab(vocab, path, data.vocab, str(data.meta_path))
         policy.to(rt.device).eval()
         for t in a.temperature or [cfg.temperature]:
             ev = evaluate(policy, judge, data, replace(cfg, temperature=t), rt)
-            print(
-                f"{str(path)[-40:]:40} {t:5.2f} "
-                + " ".join(f"{ev.get(k, float('nan')):20.4f}" for k in FIGURES)
-            )
+            figures = " ".join(f"{ev.get(k, float('nan')):20.4f}" for k in FIGURES)
+            print(f"{path:{width}} {t:5.2f} {figures}")
     return 0
 
 
