@@ -96,6 +96,10 @@ def test_grpo_that_games_its_judge_warns_and_keeps_the_best_policy(char_diffusio
     assert out["judge_hacking"], "reward up and accuracy down on consecutive evaluations must be flagged"
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judge hacking")]
     assert len(warned) == len(out["judge_hacking"])
+    # the tiny judge ranks fills below chance, and the run said so before training
+    agreement = evals[0]["judge_pair_agreement"]
+    quality = [r.getMessage() for r in caplog.records if "judge orders two fills" in r.getMessage()]
+    assert agreement < 0.55 and len(quality) == 1 and f"only {agreement:.3f}" in quality[0]
     # TensorBoard: a 0/1 scalar at every evaluation and the warning as text where it fired
     scalars = dict(read_tensorboard_scalars(out_dir)["eval/judge_hacking"])
     assert (

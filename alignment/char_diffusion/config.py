@@ -184,6 +184,13 @@ class GRPOConfig(RunConfig):
     hack_tolerance: float = field(
         default=0.005, metadata=_help("how far below the best fill accuracy counts as fallen")
     )
+    judge_min_agreement: float = field(
+        default=0.55,
+        metadata=_help(
+            "warn at the first evaluation when the judge orders the fills of a block as their "
+            "accuracy does less often than this (0.5 = chance: GRPO can only game it)"
+        ),  # fmt: skip
+    )
     wandb_project: str = "grpo"
     wandb_run_name: str | None = "grpo_run"
 

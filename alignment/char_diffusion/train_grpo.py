@@ -148,6 +148,14 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
         if warning is not None:
             logger.warning("%s", warning)
             tracker.log_text("judge_hacking", warning, step=step)
+        agreement = ev.get("judge_pair_agreement", 1.0)
+        if len(evals) == 1 and agreement < cfg.judge_min_agreement:
+            text = (f"the judge orders two fills of a held-out block as their accuracy does only {agreement:.3f} "
+                    f"of the time (0.5 = chance, judge_min_agreement {cfg.judge_min_agreement}): GRPO's "
+                    f"group-relative advantages will follow noise or the judge's blind spots; train a better "
+                    f"judge (its validation pair_agreement; docs/char_diffusion.md)")  # fmt: skip
+            logger.warning("%s", text)
+            tracker.log_text("judge_quality", text, step=step)
         if best.improves(step, ev["fill_accuracy"], ev["mean_reward"]):
             save_checkpoint(Path(cfg.out_dir) / BEST_DIR / CKPT_NAME, model=policy, vocab=data.vocab, iteration=step,
                             config=config_to_dict(cfg), extra={**frozen, "eval": ev})  # fmt: skip
