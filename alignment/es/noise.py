@@ -18,9 +18,11 @@ element index goes through three rounds of a multiply-xorshift hash (a bijection
 integers), each round keyed by one word; the 32 output bits become a standard normal by an inverse
 CDF: 1 sign bit, and 31 bits as a tail probability p = (2m + 1)·2⁻³³ that is located in its binary
 octave (32 octaves, 256 sub-bins each) and interpolated linearly between exact quantiles stored in
-fixed point (2⁻²⁴). Every step is integer arithmetic on int64 tensors that cannot overflow
-(products stay below 2⁶³), and the only floating-point step is one int → fp32 conversion (round to
-nearest, IEEE) times a power of two. Transcendental functions (log, cos, erfinv), whose last bits
+fixed point (2⁻²⁴). Every step is integer arithmetic, or floating-point arithmetic on integers
+below 2⁵³ (exact), except one int → fp32 conversion (round to nearest, IEEE) times a power of two.
+The hash runs on int32 tensors holding the 32-bit patterns: its products wrap modulo 2³² (the low
+32 bits, all the hash keeps) and right shifts are masked to be logical; the table step is int64
+(products below 2⁵⁰). Transcendental functions (log, cos, erfinv), whose last bits
 differ between CPU and CUDA libraries and between SIMD widths, are never evaluated on a tensor:
 the quantile table is built once per process in double precision and checked against
 ``TABLE_SHA256``. So CPU and CUDA engines agree bit for bit by construction, and
@@ -28,9 +30,12 @@ the quantile table is built once per process in double precision and checked aga
 devices directly). Resolution: tails to |z| ≈ 6.3, values on a 2⁻²⁴ grid, quantile interpolation
 error below 1e-6.
 
-Speed (``bench/noise_devices.py``): eager int64 arithmetic takes 2-5x ``torch.randn``'s time on CPU;
-with ``torch.compile`` (one fused kernel, identical results because every step is integer
-arithmetic) 0.6-1.5x.
+Speed (``bench/noise_devices.py``, which times the previous all-int64 formulation of the same values
+beside it): eager on CPU about 2.5x ``torch.randn``'s time (the int64 formulation: ~7x), since
+int32 SIMD multiplies and the kernel's constants are 0-d tensors (an eager op given a Python scalar
+first wraps it in a tensor, as costly as the op on a 64K-element chunk); with ``torch.compile``
+(one fused kernel, identical results because every step is exact) faster still, after a compile
+that takes tens of seconds on CPU the first time.
 ``ALIGNMENT_ES_NOISE_COMPILE``: ``auto`` (default: compile on CUDA), ``1`` (also on CPU), ``0``.
 """
 
@@ -109,39 +114,88 @@ if hashlib.sha256(_TABLE.tobytes()).hexdigest() != TABLE_SHA256:
     )
 
 
-def _mix_(x: torch.Tensor, c1: int, c2: int) -> torch.Tensor:
-    """One round of a multiply-xorshift hash of 32-bit values held in int64 (a bijection), in place."""
-    x.bitwise_xor_(x >> 16)
-    x.mul_(c1).bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(c2).bitwise_and_(_M32)
-    return x.bitwise_xor_(x >> 16)
+def _s32(word: int) -> int:
+    """The 32-bit pattern ``word`` (0 <= word < 2³²) as the int32 value with the same bits."""
+    return word - (1 << 32) if word >= 1 << 31 else word
 
 
-def hash_bits(counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-    """32 random bits per element of int64 ``counter`` (values in [0, 2³²)); the key words are int64
-    0-d tensors, or tensors shaped like ``counter`` (one key per element: several tensors at once)."""
-    c = _MULTIPLIERS
-    x = _mix_(counter ^ k0, c[0], c[1])
-    x = _mix_(x.bitwise_xor_(k1), c[2], c[3])
-    return _mix_(x.bitwise_xor_(k2), c[4], c[5])
+# Every constant of the kernel, as 0-d tensors on the kernel's device: an eager op with a Python
+# scalar wraps it into a tensor first, which on CPU costs as much as the op on a 64K-element chunk.
+_INT32_CONSTANTS = {
+    **{f"c{i}": c for i, c in enumerate(_MULTIPLIERS)},
+    "s15": 15, "s16": 16, "s31": 31, "m15": (1 << 17) - 1, "m16": (1 << 16) - 1, "m31": 0x7FFFFFFF,
+}  # fmt: skip
+_INT64_CONSTANTS = {
+    "s_idx": 52 - _SUB_BITS, "s_frac": 52 - _SUB_BITS - 23, "bias": 1023 << _SUB_BITS,
+    "m23": (1 << 23) - 1, "s23": 23, "s32": 32, "m32": _M32,
+}  # fmt: skip
+_FLOAT_CONSTANTS = {"two": (2.0, torch.float64), "one": (1.0, torch.float64),
+                    "unit": (2.0**-_FIXED_BITS, torch.float32)}  # fmt: skip
+Constants = dict[str, torch.Tensor]
 
 
-def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
-    """Standard normal fp32 values from 32-bit integers (int64 tensor), by the fixed-point inverse CDF.
+def constants(device: torch.device | str) -> Constants:
+    """The kernel's constants on ``device`` (what :func:`hash_bits` and :func:`bits_to_normal` take)."""
+    out = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in _INT32_CONSTANTS.items()}
+    out.update({k: torch.tensor(v, dtype=torch.int64, device=device) for k, v in _INT64_CONSTANTS.items()})
+    out.update({k: torch.tensor(v, dtype=dt, device=device) for k, (v, dt) in _FLOAT_CONSTANTS.items()})
+    return out
+
+
+def _lsr(x: torch.Tensor, k: Constants, shift: int) -> torch.Tensor:
+    """Logical right shift of 32-bit patterns held in int32 (``>>`` copies the sign bit: mask it off)."""
+    return (x >> k[f"s{shift}"]).bitwise_and_(k[f"m{shift}"])
+
+
+def _mix_(x: torch.Tensor, k: Constants, c1: str, c2: str) -> torch.Tensor:
+    """One round of a multiply-xorshift hash of 32-bit patterns in int32 (a bijection), in place.
+
+    The products wrap modulo 2³², as int32 multiplication does on every torch backend (two's
+    complement hardware multiplies, SIMD or scalar; CUDA ``mul.lo``): the low 32 bits of the
+    product, which is all the hash keeps. :func:`self_check` proves it for a device and kernel.
+    """
+    x.bitwise_xor_(_lsr(x, k, 16))
+    x.mul_(k[c1])
+    x.bitwise_xor_(_lsr(x, k, 15))
+    x.mul_(k[c2])
+    return x.bitwise_xor_(_lsr(x, k, 16))
+
+
+def hash_bits(
+    counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k: Constants
+) -> torch.Tensor:
+    """32 random bits per element of the int32 ``counter`` (element indices as 32-bit patterns), as
+    int32; the key words are int32 (:func:`_s32`) 0-d tensors, or tensors shaped like ``counter``
+    (one key per element: several tensors at once)."""
+    x = _mix_(counter ^ k0, k, "c0", "c1")
+    x = _mix_(x.bitwise_xor_(k1), k, "c2", "c3")
+    return _mix_(x.bitwise_xor_(k2), k, "c4", "c5")
+
+
+def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, k: Constants) -> torch.Tensor:
+    """Standard normal fp32 values from 32-bit patterns (int32 tensor), by the fixed-point inverse CDF.
 
     v = 2m + 1 (odd, p = v·2⁻³³) is exact in float64, whose bits are then read as integers: the
     exponent is v's octave, the top 8 mantissa bits its sub-bin (together the table index), the
     next 23 bits the position inside the sub-bin (the bits below are zero: v has at most 32).
+    ``table`` packs each sub-bin's quantile (high 32 bits) and its step to the next (low 32 bits) in
+    one int64 (:func:`packed_table`), so one gather reads both. |z| < 2²⁷ (2⁻²⁴ units), so the
+    sign is applied in int32 (an exact two's complement negation, never a float ``-0.0``).
     """
-    sign = bits >> 31
-    v = ((bits & 0x7FFFFFFF) << 1) | 1
-    f64 = v.to(torch.float64).view(torch.int64)
-    idx = (f64 >> (52 - _SUB_BITS)) - (1023 << _SUB_BITS)
-    frac = (f64 >> (52 - _SUB_BITS - 23)) & ((1 << 23) - 1)
-    z = table.index_select(0, idx) - ((diffs.index_select(0, idx) * frac) >> 23)
-    z = (z ^ -sign) + sign  # two's complement: -z where the sign bit is set
-    return z.to(torch.float32) * (2.0**-_FIXED_BITS)
+    sign = bits >> k["s31"]  # -1 where the sign bit is set, else 0
+    f64 = (bits & k["m31"]).to(torch.float64).mul_(k["two"]).add_(k["one"]).view(torch.int64)
+    idx = (f64 >> k["s_idx"]).sub_(k["bias"])
+    frac = (f64 >> k["s_frac"]).bitwise_and_(k["m23"])
+    entry = table.index_select(0, idx)
+    z = (entry >> k["s32"]).sub_((entry & k["m32"]).mul_(frac) >> k["s23"]).to(torch.int32)
+    z = z.bitwise_xor_(sign).sub_(sign)  # two's complement: -z where the sign bit is set
+    return z.to(torch.float32).mul_(k["unit"])
+
+
+def packed_table() -> torch.Tensor:
+    """The quantile table as int64 entries ``quantile << 32 | (quantile - next quantile)``, (8192,)."""
+    table = torch.from_numpy(_TABLE)
+    return (table[:-1] << 32) | (table[:-1] - table[1:])
 
 
 def _normal_kernel(
@@ -151,9 +205,9 @@ def _normal_kernel(
     k1: torch.Tensor,
     k2: torch.Tensor,
     table: torch.Tensor,
-    diffs: torch.Tensor,
+    k: Constants,
 ) -> torch.Tensor:
-    return bits_to_normal(hash_bits(offsets + start, k0, k1, k2), table, diffs)
+    return bits_to_normal(hash_bits(offsets + start, k0, k1, k2, k), table, k)
 
 
 COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
@@ -163,14 +217,13 @@ class _DeviceState:
     """The quantile table on one device and the kernel used there (eager, or compiled once)."""
 
     def __init__(self, device: torch.device) -> None:
-        table = torch.from_numpy(_TABLE)
-        self.table = table.to(device)
-        self.diffs = (table[:-1] - table[1:]).to(device)
+        self.table = packed_table().to(device)
+        self.constants = constants(device)
         mode = os.environ.get(COMPILE_ENV, "auto").lower()
         self.compiled = mode in {"1", "true", "on"} or (mode == "auto" and device.type == "cuda")
         # compiled kernels have one fixed shape (the last chunk is computed whole and cut)
         self.chunk = (1 << 22) if device.type == "cuda" else (1 << 16)
-        self.offsets = torch.arange(self.chunk, dtype=torch.int64, device=device)
+        self.offsets = torch.arange(self.chunk, dtype=torch.int32, device=device)
         self.kernel = _normal_kernel
         if self.compiled:
             try:
@@ -208,13 +261,13 @@ def compiled_on(device: torch.device | str) -> bool:
 
 def _run(st: _DeviceState, device: torch.device, *args: torch.Tensor) -> torch.Tensor:
     try:
-        return st.kernel(*args, st.table, st.diffs)
+        return st.kernel(*args, st.table, st.constants)
     except Exception as exc:  # noqa: BLE001 - a failed compilation: same numbers, eager
         if not st.compiled:
             raise
         logger.warning("compiled ES noise failed on %s (%s); using eager kernels", device, exc)
         st.kernel, st.compiled = _normal_kernel, False
-        return st.kernel(*args, st.table, st.diffs)
+        return st.kernel(*args, st.table, st.constants)
 
 
 def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -228,12 +281,16 @@ def normal_range(key: Sequence[int], start: int, count: int, device: torch.devic
     if start < 0 or start + count > _MAX_NUMEL:
         raise ValueError(f"noise elements {start}..{start + count} outside [0, 2**32)")
     st = _state(device)
-    k0, k1, k2 = (torch.tensor(w, dtype=torch.int64, device=device) for w in key)
+    k0, k1, k2 = (torch.tensor(_s32(w), dtype=torch.int32, device=device) for w in key)
+    if count <= st.chunk and not st.compiled:  # one call, its result is the answer (no copy)
+        begin = torch.tensor(_s32(start), dtype=torch.int32, device=device)
+        return _run(st, device, begin, st.offsets[:count], k0, k1, k2)
     out = torch.empty(count, dtype=torch.float32, device=device)
     for a in range(0, count, st.chunk):
         b = min(a + st.chunk, count)
         offsets = st.offsets if st.compiled else st.offsets[: b - a]
-        begin = torch.tensor(start + a, dtype=torch.int64, device=device)
+        # int32 addition wraps past 2³¹ like the multiplications: the counter's 32-bit pattern
+        begin = torch.tensor(_s32(start + a), dtype=torch.int32, device=device)
         out[a:b] = _run(st, device, begin, offsets, k0, k1, k2)[: b - a]
     return out
 
@@ -251,6 +308,7 @@ def segment_index(
     firsts = torch.tensor([0, *counts[:-1]], dtype=torch.int64).cumsum(0)
     shift = torch.tensor([start for start, _ in segments], dtype=torch.int64) - firsts
     counter = torch.arange(sum(counts), dtype=torch.int64) + shift[which]
+    counter = torch.where(counter >= 1 << 31, counter - (1 << 32), counter).to(torch.int32)  # 32-bit patterns
     return counter.to(device), which.to(device)
 
 
@@ -260,9 +318,9 @@ def normal_indexed(
     """Noise of element ``counter[e]`` of the stream ``keys[which[e]]`` for every e (fp32, 1-D)."""
     device = torch.device(device)
     st = _state(device)
-    words = torch.tensor([list(k) for k in keys], dtype=torch.int64, device=device)
+    words = torch.tensor([[_s32(w) for w in k] for k in keys], dtype=torch.int32, device=device)
     per_element = [words[:, j].contiguous().index_select(0, which) for j in range(3)]
-    zero = torch.zeros((), dtype=torch.int64, device=device)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
     out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
     for a in range(0, counter.numel(), st.chunk):
         b = min(a + st.chunk, counter.numel())
