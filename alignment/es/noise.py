@@ -142,37 +142,65 @@ def constants(device: torch.device | str) -> Constants:
     return out
 
 
-def _lsr(x: torch.Tensor, k: Constants, shift: int) -> torch.Tensor:
+Workspace = dict[str, torch.Tensor]  # eager CPU kernels: buffers of one chunk, reused by every draw
+_WORKSPACE = {"x": torch.int32, "tmp": torch.int32, "sign": torch.int32, "f64": torch.float64,
+              "idx": torch.int64, "frac": torch.int64, "entry": torch.int64, "step": torch.int64,
+              "k0": torch.int32, "k1": torch.int32, "k2": torch.int32}  # fmt: skip
+
+
+def workspace(size: int, device: torch.device | str = "cpu") -> Workspace:
+    """Buffers for :func:`_normal_kernel` on chunks of up to ``size`` elements (~52 bytes each).
+
+    Why on CPU: a fresh temporary of a 64K-element chunk is above glibc's mmap/trim thresholds, so
+    the kernel's ~10 temporaries were handed back to the OS and page-faulted in again on every chunk
+    (~15 faults per thousand elements; three quarters of the eager kernel's time). Reused buffers
+    fault once. Each thread gets its own (engines may draw from several threads at once).
+    """
+    return {name: torch.empty(size, dtype=dt, device=device) for name, dt in _WORKSPACE.items()}
+
+
+def _buf(ws: Workspace | None, name: str, n: int) -> torch.Tensor | None:
+    return None if ws is None else ws[name][:n]
+
+
+def _lsr(x: torch.Tensor, k: Constants, shift: int, tmp: torch.Tensor | None) -> torch.Tensor:
     """Logical right shift of 32-bit patterns held in int32 (``>>`` copies the sign bit: mask it off)."""
-    return (x >> k[f"s{shift}"]).bitwise_and_(k[f"m{shift}"])
+    return torch.bitwise_right_shift(x, k[f"s{shift}"], out=tmp).bitwise_and_(k[f"m{shift}"])
 
 
-def _mix_(x: torch.Tensor, k: Constants, c1: str, c2: str) -> torch.Tensor:
-    """One round of a multiply-xorshift hash of 32-bit patterns in int32 (a bijection), in place.
+def _mix_(x: torch.Tensor, k: Constants, c1: str, c2: str, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """One round of a multiply-xorshift hash of 32-bit patterns in int32 (a bijection), in place
+    (``tmp``: a buffer shaped like ``x`` for the shifted copy, or None to allocate one).
 
     The products wrap modulo 2³², as int32 multiplication does on every torch backend (two's
     complement hardware multiplies, SIMD or scalar; CUDA ``mul.lo``): the low 32 bits of the
     product, which is all the hash keeps. :func:`self_check` proves it for a device and kernel.
     """
-    x.bitwise_xor_(_lsr(x, k, 16))
+    x.bitwise_xor_(_lsr(x, k, 16, tmp))
     x.mul_(k[c1])
-    x.bitwise_xor_(_lsr(x, k, 15))
+    x.bitwise_xor_(_lsr(x, k, 15, tmp))
     x.mul_(k[c2])
-    return x.bitwise_xor_(_lsr(x, k, 16))
+    return x.bitwise_xor_(_lsr(x, k, 16, tmp))
 
 
 def hash_bits(
-    counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k: Constants
-) -> torch.Tensor:
+    counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k: Constants,
+    ws: Workspace | None = None,
+) -> torch.Tensor:  # fmt: skip
     """32 random bits per element of the int32 ``counter`` (element indices as 32-bit patterns), as
     int32; the key words are int32 (:func:`_s32`) 0-d tensors, or tensors shaped like ``counter``
-    (one key per element: several tensors at once)."""
-    x = _mix_(counter ^ k0, k, "c0", "c1")
-    x = _mix_(x.bitwise_xor_(k1), k, "c2", "c3")
-    return _mix_(x.bitwise_xor_(k2), k, "c4", "c5")
+    (one key per element: several tensors at once). ``ws``: buffers to compute in (:func:`workspace`)."""
+    n = counter.numel()
+    tmp = _buf(ws, "tmp", n)
+    x = _mix_(torch.bitwise_xor(counter, k0, out=_buf(ws, "x", n)), k, "c0", "c1", tmp)
+    x = _mix_(x.bitwise_xor_(k1), k, "c2", "c3", tmp)
+    return _mix_(x.bitwise_xor_(k2), k, "c4", "c5", tmp)
 
 
-def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, k: Constants) -> torch.Tensor:
+def bits_to_normal(
+    bits: torch.Tensor, table: torch.Tensor, k: Constants, ws: Workspace | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Standard normal fp32 values from 32-bit patterns (int32 tensor), by the fixed-point inverse CDF.
 
     v = 2m + 1 (odd, p = v·2⁻³³) is exact in float64, whose bits are then read as integers: the
@@ -181,15 +209,24 @@ def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, k: Constants) -> tor
     ``table`` packs each sub-bin's quantile (high 32 bits) and its step to the next (low 32 bits) in
     one int64 (:func:`packed_table`), so one gather reads both. |z| < 2²⁷ (2⁻²⁴ units), so the
     sign is applied in int32 (an exact two's complement negation, never a float ``-0.0``).
+    ``ws``/``out``: buffers to compute in and the fp32 tensor to write (None: allocated).
     """
-    sign = bits >> k["s31"]  # -1 where the sign bit is set, else 0
-    f64 = (bits & k["m31"]).to(torch.float64).mul_(k["two"]).add_(k["one"]).view(torch.int64)
-    idx = (f64 >> k["s_idx"]).sub_(k["bias"])
-    frac = (f64 >> k["s_frac"]).bitwise_and_(k["m23"])
-    entry = table.index_select(0, idx)
-    z = (entry >> k["s32"]).sub_((entry & k["m32"]).mul_(frac) >> k["s23"]).to(torch.int32)
+    n = bits.numel()
+    sign = torch.bitwise_right_shift(bits, k["s31"], out=_buf(ws, "sign", n))  # -1 where the sign bit is set
+    m = torch.bitwise_and(bits, k["m31"], out=_buf(ws, "tmp", n))
+    f64 = m.to(torch.float64) if ws is None else ws["f64"][:n].copy_(m)
+    f64 = f64.mul_(k["two"]).add_(k["one"]).view(torch.int64)
+    idx = torch.bitwise_right_shift(f64, k["s_idx"], out=_buf(ws, "idx", n)).sub_(k["bias"])
+    frac = torch.bitwise_right_shift(f64, k["s_frac"], out=_buf(ws, "frac", n)).bitwise_and_(k["m23"])
+    entry = torch.index_select(table, 0, idx, out=_buf(ws, "entry", n))
+    step = (
+        torch.bitwise_and(entry, k["m32"], out=_buf(ws, "step", n)).mul_(frac).bitwise_right_shift_(k["s23"])
+    )
+    z64 = entry.bitwise_right_shift_(k["s32"]).sub_(step)
+    z = z64.to(torch.int32) if ws is None else ws["tmp"][:n].copy_(z64)
     z = z.bitwise_xor_(sign).sub_(sign)  # two's complement: -z where the sign bit is set
-    return z.to(torch.float32).mul_(k["unit"])
+    z = z.to(torch.float32) if out is None else out.copy_(z)
+    return z.mul_(k["unit"])
 
 
 def packed_table() -> torch.Tensor:
@@ -206,8 +243,11 @@ def _normal_kernel(
     k2: torch.Tensor,
     table: torch.Tensor,
     k: Constants,
+    ws: Workspace | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return bits_to_normal(hash_bits(offsets + start, k0, k1, k2, k), table, k)
+    counter = torch.add(offsets, start, out=_buf(ws, "x", offsets.numel()))
+    return bits_to_normal(hash_bits(counter, k0, k1, k2, k, ws), table, k, ws, out)
 
 
 COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
@@ -225,12 +265,23 @@ class _DeviceState:
         self.chunk = (1 << 22) if device.type == "cuda" else (1 << 16)
         self.offsets = torch.arange(self.chunk, dtype=torch.int32, device=device)
         self.kernel = _normal_kernel
+        self._local = threading.local()  # per-thread workspace (eager CPU kernels)
         if self.compiled:
             try:
                 self.kernel = torch.compile(_normal_kernel, dynamic=False, fullgraph=True)
             except Exception as exc:  # noqa: BLE001 - same numbers either way, only slower
                 logger.warning("torch.compile unavailable for ES noise on %s (%s); eager", device, exc)
                 self.compiled = False
+
+    def workspace(self) -> Workspace | None:
+        """This thread's buffers for the eager kernel on a CPU; None elsewhere (a compiled kernel has
+        no temporaries to keep, and CUDA's caching allocator already reuses them)."""
+        if self.compiled or self.offsets.device.type != "cpu":
+            return None
+        ws = getattr(self._local, "ws", None)
+        if ws is None or ws["x"].numel() < self.chunk:
+            ws = self._local.ws = workspace(self.chunk)
+        return ws
 
 
 _STATES: dict[torch.device, _DeviceState] = {}
@@ -259,15 +310,17 @@ def compiled_on(device: torch.device | str) -> bool:
     return _state(torch.device(device)).compiled
 
 
-def _run(st: _DeviceState, device: torch.device, *args: torch.Tensor) -> torch.Tensor:
+def _run(st: _DeviceState, device: torch.device, out: torch.Tensor, *args: torch.Tensor) -> None:
+    """``out`` ← the kernel on ``args`` (out's length: the chunk's, a compiled kernel's result is cut)."""
+    if not st.compiled:
+        _normal_kernel(*args, st.table, st.constants, st.workspace(), out)
+        return
     try:
-        return st.kernel(*args, st.table, st.constants)
+        out.copy_(st.kernel(*args, st.table, st.constants)[: out.numel()])
     except Exception as exc:  # noqa: BLE001 - a failed compilation: same numbers, eager
-        if not st.compiled:
-            raise
         logger.warning("compiled ES noise failed on %s (%s); using eager kernels", device, exc)
         st.kernel, st.compiled = _normal_kernel, False
-        return st.kernel(*args, st.table, st.constants)
+        _run(st, device, out, *args)
 
 
 def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -282,16 +335,13 @@ def normal_range(key: Sequence[int], start: int, count: int, device: torch.devic
         raise ValueError(f"noise elements {start}..{start + count} outside [0, 2**32)")
     st = _state(device)
     k0, k1, k2 = (torch.tensor(_s32(w), dtype=torch.int32, device=device) for w in key)
-    if count <= st.chunk and not st.compiled:  # one call, its result is the answer (no copy)
-        begin = torch.tensor(_s32(start), dtype=torch.int32, device=device)
-        return _run(st, device, begin, st.offsets[:count], k0, k1, k2)
     out = torch.empty(count, dtype=torch.float32, device=device)
     for a in range(0, count, st.chunk):
         b = min(a + st.chunk, count)
         offsets = st.offsets if st.compiled else st.offsets[: b - a]
         # int32 addition wraps past 2³¹ like the multiplications: the counter's 32-bit pattern
         begin = torch.tensor(_s32(start + a), dtype=torch.int32, device=device)
-        out[a:b] = _run(st, device, begin, offsets, k0, k1, k2)[: b - a]
+        _run(st, device, out[a:b], begin, offsets, k0, k1, k2)
     return out
 
 
@@ -319,14 +369,18 @@ def normal_indexed(
     device = torch.device(device)
     st = _state(device)
     words = torch.tensor([[_s32(w) for w in k] for k in keys], dtype=torch.int32, device=device)
-    per_element = [words[:, j].contiguous().index_select(0, which) for j in range(3)]
+    columns = [words[:, j].contiguous() for j in range(3)]
     zero = torch.zeros((), dtype=torch.int32, device=device)
     out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
     for a in range(0, counter.numel(), st.chunk):
         b = min(a + st.chunk, counter.numel())
+        ws = st.workspace()  # the chunk's keys, gathered into reused buffers (or fresh ones)
+        keys_ab = [
+            torch.index_select(c, 0, which[a:b], out=_buf(ws, f"k{j}", b - a)) for j, c in enumerate(columns)
+        ]
         size = st.chunk if st.compiled else b - a
-        parts = [_padded(t[a:b], size) for t in (counter, *per_element)]
-        out[a:b] = _run(st, device, zero, *parts)[: b - a]
+        parts = [_padded(t, size) for t in (counter[a:b], *keys_ab)]
+        _run(st, device, out[a:b], zero, *parts)
     return out
 
 

@@ -203,9 +203,14 @@ class PerturbableParams:
         for i, block in enumerate(self.blocks):
             device = self.params[block[0][0]].device
             noise = cached[i] if cached is not None else self._noise(i, member_seed, device)
+            step = noise * s  # the block's ε·s in one op (elementwise: the same products slice by slice)
             off = 0
             for live, master in self._views(block):
-                live.copy_(master.to(device, torch.float32) + noise[off : off + live.numel()] * s)
+                part = step[off : off + live.numel()]
+                if live.dtype == master.dtype == torch.float32 and master.device == live.device:
+                    torch.add(master, part, out=live)  # an fp32 engine: the sum is the live value
+                else:
+                    live.copy_(master.to(device, torch.float32) + part)
                 off += live.numel()
         self.perturbed_by = (member_seed, sign)
 
