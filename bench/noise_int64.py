@@ -59,15 +59,16 @@ def normal_range(key: Sequence[int], start: int, count: int, device: torch.devic
 def segment_index(
     segments: Sequence[tuple[int, int]], device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`alignment.es.noise.segment_index`, with int64 counters."""
-    counter, which = noise.segment_index(segments, device)
-    return counter.to(torch.int64) & _M32, which
+    """As :func:`alignment.es.noise.segment_index`, as (int64 counters, segment of each element)."""
+    layout = noise.segment_index(segments, device)
+    return layout.counter.to(torch.int64) & _M32, layout.which
 
 
 def normal_indexed(
-    counter: torch.Tensor, which: torch.Tensor, keys: Sequence[Sequence[int]], device: torch.device | str
+    layout: tuple[torch.Tensor, torch.Tensor], keys: Sequence[Sequence[int]], device: torch.device | str
 ) -> torch.Tensor:
     """As :func:`alignment.es.noise.normal_indexed`, eagerly in int64."""
+    counter, which = layout
     words = torch.tensor([list(k) for k in keys], dtype=torch.int64, device=device)
     per_element = [words[:, j].contiguous().index_select(0, which) for j in range(3)]
     out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
@@ -84,8 +85,8 @@ def check_equal() -> None:
         raise AssertionError("the int64 baseline and alignment.es.noise differ")
     layout = [(0, 5), (70_000, 3), (0, 100_000)]
     keys = [noise.noise_key(i, n) for i, n in enumerate("abc")]
-    mine = normal_indexed(*segment_index(layout, "cpu"), keys, "cpu")
-    if not torch.equal(mine, noise.normal_indexed(*noise.segment_index(layout, "cpu"), keys, "cpu")):
+    mine = normal_indexed(segment_index(layout, "cpu"), keys, "cpu")
+    if not torch.equal(mine, noise.normal_indexed(noise.segment_index(layout, "cpu"), keys, "cpu")):
         raise AssertionError("the int64 baseline and alignment.es.noise differ on segments")
 
 

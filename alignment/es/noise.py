@@ -42,12 +42,14 @@ that takes tens of seconds on CPU the first time.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
 import threading
 from collections.abc import Sequence
 from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -144,12 +146,11 @@ def constants(device: torch.device | str) -> Constants:
 
 Workspace = dict[str, torch.Tensor]  # eager CPU kernels: buffers of one chunk, reused by every draw
 _WORKSPACE = {"x": torch.int32, "tmp": torch.int32, "sign": torch.int32, "f64": torch.float64,
-              "idx": torch.int64, "frac": torch.int64, "entry": torch.int64, "step": torch.int64,
-              "k0": torch.int32, "k1": torch.int32, "k2": torch.int32}  # fmt: skip
+              "idx": torch.int64, "frac": torch.int64, "entry": torch.int64, "step": torch.int64}  # fmt: skip
 
 
 def workspace(size: int, device: torch.device | str = "cpu") -> Workspace:
-    """Buffers for :func:`_normal_kernel` on chunks of up to ``size`` elements (~52 bytes each).
+    """Buffers for :func:`_normal_kernel` on chunks of up to ``size`` elements (~60 bytes each).
 
     Why on CPU: a fresh temporary of a 64K-element chunk is above glibc's mmap/trim thresholds, so
     the kernel's ~10 temporaries were handed back to the OS and page-faulted in again on every chunk
@@ -183,18 +184,32 @@ def _mix_(x: torch.Tensor, k: Constants, c1: str, c2: str, tmp: torch.Tensor | N
     return x.bitwise_xor_(_lsr(x, k, 16, tmp))
 
 
-def hash_bits(
-    counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k: Constants,
-    ws: Workspace | None = None,
-) -> torch.Tensor:  # fmt: skip
+Keys = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[tuple[int, int, tuple[torch.Tensor, ...]]]
+
+
+def _xor_key_(x: torch.Tensor, keys: Keys, j: int) -> torch.Tensor:
+    """x ^= key word ``j``, in place: ``keys`` is three int32 tensors (0-d, or one key per element),
+    or (eager) a list of (first, end, three 0-d words): one in-place op per segment of ``x``."""
+    if isinstance(keys, tuple):
+        return x.bitwise_xor_(keys[j])
+    for first, end, words in keys:
+        x[first:end].bitwise_xor_(words[j])
+    return x
+
+
+def hash_bits(counter: torch.Tensor, keys: Keys, k: Constants, ws: Workspace | None = None) -> torch.Tensor:
     """32 random bits per element of the int32 ``counter`` (element indices as 32-bit patterns), as
-    int32; the key words are int32 (:func:`_s32`) 0-d tensors, or tensors shaped like ``counter``
-    (one key per element: several tensors at once). ``ws``: buffers to compute in (:func:`workspace`)."""
+    int32, under the int32 key words ``keys`` (:func:`_xor_key_`; :func:`_s32` turns a word into
+    one). ``ws``: buffers to compute in (:func:`workspace`)."""
     n = counter.numel()
-    tmp = _buf(ws, "tmp", n)
-    x = _mix_(torch.bitwise_xor(counter, k0, out=_buf(ws, "x", n)), k, "c0", "c1", tmp)
-    x = _mix_(x.bitwise_xor_(k1), k, "c2", "c3", tmp)
-    return _mix_(x.bitwise_xor_(k2), k, "c4", "c5", tmp)
+    tmp, x = _buf(ws, "tmp", n), _buf(ws, "x", n)
+    if isinstance(keys, tuple):
+        x = torch.bitwise_xor(counter, keys[0], out=x)
+    else:
+        x = _xor_key_(counter.clone() if x is None else x.copy_(counter), keys, 0)
+    x = _mix_(x, k, "c0", "c1", tmp)
+    x = _mix_(_xor_key_(x, keys, 1), k, "c2", "c3", tmp)
+    return _mix_(_xor_key_(x, keys, 2), k, "c4", "c5", tmp)
 
 
 def bits_to_normal(
@@ -247,7 +262,7 @@ def _normal_kernel(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     counter = torch.add(offsets, start, out=_buf(ws, "x", offsets.numel()))
-    return bits_to_normal(hash_bits(counter, k0, k1, k2, k, ws), table, k, ws, out)
+    return bits_to_normal(hash_bits(counter, (k0, k1, k2), k, ws), table, k, ws, out)
 
 
 COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
@@ -345,12 +360,17 @@ def normal_range(key: Sequence[int], start: int, count: int, device: torch.devic
     return out
 
 
-def segment_index(
-    segments: Sequence[tuple[int, int]], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counter, which) for :func:`normal_indexed`: element e of the concatenation of segments
-    (start, count) is element ``counter[e]`` of segment ``which[e]``. Independent of the keys, so
-    a caller drawing the same layout for many members builds it once."""
+class Layout(NamedTuple):
+    """Where the elements of a concatenation of segments come from (:func:`segment_index`)."""
+
+    counter: torch.Tensor  # (n,) int32: element e is element counter[e] of its segment's stream
+    which: torch.Tensor  # (n,) int64: the segment of element e
+    bounds: tuple[tuple[int, int], ...]  # (first, end) of each segment within the concatenation
+
+
+def segment_index(segments: Sequence[tuple[int, int]], device: torch.device | str) -> Layout:
+    """The :class:`Layout` of the concatenation of segments (start, count) for :func:`normal_indexed`.
+    Independent of the keys, so a caller drawing the same layout for many members builds it once."""
     counts = [count for _, count in segments]
     if any(start < 0 or start + count > _MAX_NUMEL for start, count in segments):
         raise ValueError("noise elements outside [0, 2**32)")
@@ -359,28 +379,42 @@ def segment_index(
     shift = torch.tensor([start for start, _ in segments], dtype=torch.int64) - firsts
     counter = torch.arange(sum(counts), dtype=torch.int64) + shift[which]
     counter = torch.where(counter >= 1 << 31, counter - (1 << 32), counter).to(torch.int32)  # 32-bit patterns
-    return counter.to(device), which.to(device)
+    ends = list(itertools.accumulate(counts))
+    bounds = tuple((end - count, end) for end, count in zip(ends, counts, strict=True))
+    return Layout(counter.to(device), which.to(device), bounds)
 
 
-def normal_indexed(
-    counter: torch.Tensor, which: torch.Tensor, keys: Sequence[Sequence[int]], device: torch.device | str
-) -> torch.Tensor:
-    """Noise of element ``counter[e]`` of the stream ``keys[which[e]]`` for every e (fp32, 1-D)."""
+def normal_indexed(layout: Layout, keys: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
+    """Noise of element ``layout.counter[e]`` of the stream ``keys[layout.which[e]]`` for every e (fp32, 1-D).
+
+    Eagerly each segment's key words are applied to its slice of a chunk (a few in-place ops per
+    segment); a compiled kernel (one fixed shape) gets them gathered per element instead.
+    """
     device = torch.device(device)
     st = _state(device)
     words = torch.tensor([[_s32(w) for w in k] for k in keys], dtype=torch.int32, device=device)
-    columns = [words[:, j].contiguous() for j in range(3)]
-    zero = torch.zeros((), dtype=torch.int32, device=device)
-    out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
-    for a in range(0, counter.numel(), st.chunk):
-        b = min(a + st.chunk, counter.numel())
-        ws = st.workspace()  # the chunk's keys, gathered into reused buffers (or fresh ones)
-        keys_ab = [
-            torch.index_select(c, 0, which[a:b], out=_buf(ws, f"k{j}", b - a)) for j, c in enumerate(columns)
+    n = layout.counter.numel()
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if st.compiled:
+        columns = [words[:, j].contiguous() for j in range(3)]
+        zero = torch.zeros((), dtype=torch.int32, device=device)
+        for a in range(0, n, st.chunk):
+            b = min(a + st.chunk, n)
+            parts = [layout.counter[a:b], *(c.index_select(0, layout.which[a:b]) for c in columns)]
+            _run(st, device, out[a:b], zero, *(_padded(t, st.chunk) for t in parts))
+        return out
+    rows = list(zip(*(words[:, j].unbind() for j in range(3)), strict=True))  # 0-d words per segment
+    for a in range(0, n, st.chunk):
+        b = min(a + st.chunk, n)
+        here = [
+            (max(f, a) - a, min(e, b) - a, rows[i])
+            for i, (f, e) in enumerate(layout.bounds)
+            if f < b and e > a
         ]
-        size = st.chunk if st.compiled else b - a
-        parts = [_padded(t, size) for t in (counter[a:b], *keys_ab)]
-        _run(st, device, out[a:b], zero, *parts)
+        ws = st.workspace()
+        bits_to_normal(
+            hash_bits(layout.counter[a:b], here, st.constants, ws), st.table, st.constants, ws, out[a:b]
+        )
     return out
 
 
@@ -394,8 +428,8 @@ def normal_segments(
     """
     if len(segments) == 1:
         return normal_range(*segments[0], device)
-    counter, which = segment_index([(start, count) for _, start, count in segments], device)
-    return normal_indexed(counter, which, [key for key, _, _ in segments], device)
+    layout = segment_index([(start, count) for _, start, count in segments], device)
+    return normal_indexed(layout, [key for key, _, _ in segments], device)
 
 
 def gaussian(

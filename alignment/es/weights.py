@@ -190,8 +190,7 @@ class PerturbableParams:
         if len(block) == 1:
             name, a, b = block[0]
             return normal_range(noise_key(member_seed, name), a, b - a, device)
-        counter, which = self._index[i]
-        return normal_indexed(counter, which, [noise_key(member_seed, n) for n, _, _ in block], device)
+        return normal_indexed(self._index[i], [noise_key(member_seed, n) for n, _, _ in block], device)
 
     @torch.no_grad()
     def perturb(self, member_seed: int, sigma: float, sign: float = 1.0) -> None:
