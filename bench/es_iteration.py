@@ -29,11 +29,13 @@ target >= 0.9), the plain time ratio beside it, and the full-rank iteration time
 With ``--backend vllm`` (run it with the vLLM environment's python) the engine is a LoRA-enabled
 vLLM engine; with ``transformers`` the members are the forward-hook adapters.
 
-``--compare-noise`` measures the ES noise's cost instead: two engines of the same policy in one
-process, one drawing its full-rank noise with the previous all-int64 formulation
-(``bench/noise_int64.py``, checked bit-equal first, so both generate the same answers) and one with
-the current one, their ES iterations interleaved iteration by iteration; the last line prints both
-non-generation shares and the perturb/restore time ratio.
+``--compare-noise`` measures the ES noise's cost instead: three engines of the same policy in one
+process, their ES iterations interleaved iteration by iteration: one drawing each member's
+full-rank noise at its perturbation with the previous all-int64 formulation (``bench/noise_int64.py``,
+checked bit-equal first, so all three generate the same answers), one drawing the same way with the
+current formulation, and one with the current formulation drawing the iteration's noise ahead in a
+background thread while members generate (the default on CPU). The last line prints the three
+non-generation shares and perturb/restore times.
 
 ``--model-shape 1b`` builds a randomly initialised ``LlamaForCausalLM`` of Llama-1B shape
 (:mod:`alignment.toy.shapes`) with the toy tokenizer, in bf16, under ``--models-dir/policy-1b``; its
@@ -257,8 +259,10 @@ def compare_lowrank(args: argparse.Namespace, policy: Path, scorer_url: str) -> 
 
 
 def compare_noise(args: argparse.Namespace, policy: Path, scorer_url: str) -> dict:
-    """Full-rank ES iterations on two engines of ``policy``, one drawing with the int64 formulation of
-    the noise and one with the current one, interleaved (same seeds, same values, same answers)."""
+    """Full-rank ES iterations on three engines of ``policy``, interleaved: the int64 formulation of the
+    noise drawn when a member is perturbed (before issue 22), the current formulation drawn the same
+    way, and the current one drawn ahead in a background thread while members generate (the
+    default). Same seeds, same values, same answers."""
     import noise_int64
     from transformers import AutoTokenizer
 
@@ -268,41 +272,42 @@ def compare_noise(args: argparse.Namespace, policy: Path, scorer_url: str) -> di
     client = ScorerClient(scorer_url)
     with noise_int64.in_es_weights():  # the engine's block layout is built in the int64 form too
         old = build_executor(cfg)
-    new = build_executor(cfg)
+    on_demand, ahead = build_executor(cfg), build_executor(cfg)
+    for executor in (old, on_demand):
+        executor.engines[0].prefetch = lambda seeds: None  # every member's noise drawn at its perturbation
     try:
-        old_step = measure.trainer_step(_trainer(args, cfg, old, client, "noise-bench-int64"), tokenizer)
-        new_step = measure.trainer_step(_trainer(args, cfg, new, client, "noise-bench-int32"), tokenizer)
+        steps = {label: measure.trainer_step(_trainer(args, cfg, ex, client, f"noise-bench-{label}"), tokenizer)
+                 for label, ex in (("int64", old), ("int32", on_demand), ("ahead", ahead))}  # fmt: skip
 
         def int64_step(i: int) -> dict[str, float]:
             with noise_int64.in_es_weights():
-                return old_step(i)
+                return steps["int64"](i)
 
-        return measure.interleaved(
-            {"int64": int64_step, "int32": new_step}, args.iterations, args.warmup, _progress
-        )
+        return measure.interleaved({**steps, "int64": int64_step}, args.iterations, args.warmup, _progress)
     finally:
-        for executor in (old, new):
+        for executor in (old, on_demand, ahead):
             executor.close()
         client.close()
 
 
 def print_noise(args: argparse.Namespace, report: dict, total_seconds: float) -> None:
-    old, new = report["int64"], report["int32"]
-    print(f"\nES noise: int64 formulation vs current, full-rank ES ({args.model_shape} policy, "
-          f"backend={args.backend}, device={args.device}); population {args.population} x batch "
-          f"{args.batch_size} x {args.max_new_tokens} new tokens; means over {new['iterations']} interleaved "
-          f"iteration(s) after {args.warmup} warm-up")  # fmt: skip
-    for label, r in (("int64 (before)", old), ("int32 (now)", new)):
+    old, new, ahead = report["int64"], report["int32"], report["ahead"]
+    print(f"\nES noise: int64 formulation vs current, drawn on demand, vs current drawn ahead; full-rank ES "
+          f"({args.model_shape} policy, backend={args.backend}, device={args.device}); population "
+          f"{args.population} x batch {args.batch_size} x {args.max_new_tokens} new tokens; means over "
+          f"{new['iterations']} interleaved iteration(s) after {args.warmup} warm-up")  # fmt: skip
+    for label, r in (("int64 on demand", old), ("int32 on demand", new), ("int32 ahead", ahead)):
         parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["parts"].items())
-        print(f"    {label:<15} iteration {r['seconds'] * 1e3:8.1f} ms, non-generation "
+        print(f"    {label:<16} iteration {r['seconds'] * 1e3:8.1f} ms, non-generation "
               f"{100 * r['non_generation_share']:5.1f} %  ({parts})")  # fmt: skip
     speed = old["parts"]["perturb/restore"] / new["parts"]["perturb/restore"]
-    verdict = "ok" if new["non_generation_share"] <= 0.10 else "ABOVE TARGET"
+    verdict = "ok" if ahead["non_generation_share"] <= 0.10 else "ABOVE TARGET"
     print(f"  total bench time {total_seconds:.0f} s")
     print(f"es_iteration: noise_compare non_generation_share int64={100 * old['non_generation_share']:.1f}% "
-          f"int32={100 * new['non_generation_share']:.1f}% (target <= 10 %: {verdict}) perturb_restore_ms "
-          f"int64={old['parts']['perturb/restore'] * 1e3:.0f} int32={new['parts']['perturb/restore'] * 1e3:.0f} "
-          f"ratio={speed:.2f}x")  # fmt: skip
+          f"int32={100 * new['non_generation_share']:.1f}% ahead={100 * ahead['non_generation_share']:.1f}% "
+          f"(target <= 10 %: {verdict}) perturb_restore_ms int64={old['parts']['perturb/restore'] * 1e3:.0f} "
+          f"int32={new['parts']['perturb/restore'] * 1e3:.0f} ahead={ahead['parts']['perturb/restore'] * 1e3:.0f} "
+          f"int64/int32={speed:.2f}x")  # fmt: skip
 
 
 def print_lowrank(args: argparse.Namespace, report: dict, total_seconds: float) -> None:

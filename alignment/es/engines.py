@@ -129,6 +129,10 @@ class TransformersEngine:
     def perturb(self, seed: int, sigma: float, sign: float = 1.0) -> None:
         self.params.perturb(seed, sigma, sign)
 
+    def prefetch(self, seeds: list[int]) -> None:
+        """Draw these members' noise ahead while generating (CPU; :meth:`PerturbableParams.prefetch`)."""
+        self.params.prefetch(seeds)
+
     def restore(self) -> None:
         self.params.restore()
 

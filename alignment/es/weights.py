@@ -23,13 +23,25 @@ the same bits whatever their blocks.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
 
-from alignment.es.noise import add_scaled_, f32, noise_key, normal_indexed, normal_range, segment_index
+from alignment.es.noise import (
+    add_scaled_,
+    compiled_on,
+    f32,
+    noise_key,
+    normal_indexed,
+    normal_range,
+    segment_index,
+)
+
+logger = logging.getLogger(__name__)
 
 MasterDtype = Literal["fp32", "model"]
 DirectionFn = Callable[
@@ -129,6 +141,76 @@ def plan_blocks(params: Mapping[str, torch.Tensor], size: int) -> list[list[Slic
     return blocks
 
 
+class MemberNoise:
+    """A small model's member noise, drawn once per iteration and kept until the update (which needs it
+    again, as does the antithetic twin), at most ``slots`` members.
+
+    :meth:`prefetch` draws the members an engine is about to evaluate in a background thread while it
+    generates (CPU engines: generation leaves a core free, so the noise stops being a serial cost);
+    :meth:`get` waits for a member being drawn. The values are the ones drawn on demand: only when
+    they are computed changes. A failed background draw is logged and the member drawn on demand.
+    """
+
+    def __init__(self, draw: Callable[[int], list[torch.Tensor]], slots: int) -> None:
+        self._draw, self.slots = draw, slots
+        self._noise: dict[int, list[torch.Tensor]] = {}
+        self._drawing: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def get(self, seed: int, keep: bool) -> list[torch.Tensor] | None:
+        """``seed``'s noise blocks if kept (or being drawn); with ``keep``, drawn and kept if there is room."""
+        event = self._drawing.get(seed)
+        if event is not None:
+            event.wait()
+        with self._lock:
+            if seed in self._noise or not keep or len(self._noise) >= self.slots:
+                return self._noise.get(seed)
+        noise = self._draw(seed)
+        with self._lock:
+            self._noise[seed] = noise
+        return noise
+
+    def prefetch(self, seeds: Sequence[int]) -> None:
+        """Draw ``seeds``' noise (as many as there are free slots) in a background thread, in order."""
+        self.join()
+        with self._lock:
+            todo = [s for s in dict.fromkeys(seeds) if s not in self._noise][
+                : max(0, self.slots - len(self._noise))
+            ]
+            self._drawing = {s: threading.Event() for s in todo}
+        if not todo:
+            return
+
+        def work() -> None:
+            try:
+                for seed in todo:
+                    noise = self._draw(seed)
+                    with self._lock:
+                        self._noise[seed] = noise
+                    self._drawing[seed].set()
+            except Exception:  # noqa: BLE001 - the members not drawn yet are drawn on demand
+                logger.exception("drawing ES noise ahead failed; drawing on demand")
+            finally:
+                for event in self._drawing.values():
+                    event.set()
+
+        self._thread = threading.Thread(target=work, name="es-noise-prefetch", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def clear(self) -> None:
+        """Forget every member (the next iteration draws other ones)."""
+        self.join()
+        with self._lock:
+            self._noise.clear()
+            self._drawing = {}
+
+
 class PerturbableParams:
     """Live parameter tensors plus their exact (master) values.
 
@@ -167,18 +249,24 @@ class PerturbableParams:
         }
         self.perturbed_by: tuple[int, float] | None = None
         self._member_bytes = 4 * sum(t.numel() for t in params.values())
-        self._cache_slots = cache_bytes // self._member_bytes
-        self._cache: dict[int, list[torch.Tensor]] = {}
+        self._cache = MemberNoise(self._draw_member, cache_bytes // self._member_bytes)
 
-    def _member_noise(self, member_seed: int, keep: bool) -> list[torch.Tensor] | None:
-        """The cached noise blocks of ``member_seed``; with ``keep``, drawn and cached if there is room."""
-        if member_seed in self._cache or not keep or len(self._cache) >= self._cache_slots:
-            return self._cache.get(member_seed)
-        self._cache[member_seed] = [
+    def _draw_member(self, member_seed: int) -> list[torch.Tensor]:
+        return [
             self._noise(i, member_seed, self.params[block[0][0]].device)
             for i, block in enumerate(self.blocks)
         ]
-        return self._cache[member_seed]
+
+    def _member_noise(self, member_seed: int, keep: bool) -> list[torch.Tensor] | None:
+        """The cached noise blocks of ``member_seed``; with ``keep``, drawn and cached if there is room."""
+        return self._cache.get(member_seed, keep)
+
+    def prefetch(self, member_seeds: Sequence[int]) -> None:
+        """Draw these members' noise ahead, in a background thread, while the engine generates: CPU
+        weights drawn eagerly, a model whose member noise fits the cache (a no-op otherwise)."""
+        devices = {t.device for t in self.params.values()}
+        if devices == {torch.device("cpu")} and not compiled_on("cpu"):
+            self._cache.prefetch(member_seeds)
 
     def _views(self, block: list[Slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(live, master) 1-D views of each slice of ``block``."""
