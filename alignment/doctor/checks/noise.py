@@ -44,18 +44,25 @@ def ns_per_element(
     fns: dict[str, Callable[[], object]], n: int, device: str, repeat: int
 ) -> dict[str, float]:
     """Median ns per element of each function, timed in turn ``repeat`` times (interleaved, so that
-    load on a shared machine hits all alike); each is called once first (warm-up, compilation)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    load on a shared machine hits all alike); each is called once first (warm-up, compilation).
+
+    On a GPU: wall time between synchronisations. On a CPU: the process's CPU time, because on a
+    shared machine a draw of a few milliseconds is preempted for whole time slices, which wall time
+    would charge to the draw.
+    """
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(repeat):
         for label, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times[label].append((time.perf_counter() - t0) / n * 1e9)
+            times[label].append((clock() - t0) / n * 1e9)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -123,6 +130,6 @@ def run_noise(ctx: Context) -> CheckResult:
             label = f"{device} ({'compiled' if mode == '1' else 'eager'})"
             figures.append(Figure(f"noise speed {label}", t["ours"], "ns/element",
                                   note=f"torch.randn {t['randn']:.3g} ns/element: {t['ours'] / t['randn']:.2f}x; "
-                                  f"median of {repeat} draws of {size:,}"))  # fmt: skip
+                                  f"median of {repeat} draws of {size:,}{'' if device.startswith('cuda') else ', CPU time'}"))  # fmt: skip
     noise.set_compile_mode("auto")
     return CheckResult.from_figures("noise", TITLE, figures)
