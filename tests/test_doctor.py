@@ -43,7 +43,10 @@ def test_quick_cpu_run_reports_every_check_in_the_table_and_the_json(toy_models:
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == list(CHECKS)
     for c in checks.values():
-        assert c["status"] in STATUSES and c["status"] not in ("failed", "timed out"), (c["name"], c["reason"])
+        assert c["status"] in STATUSES and c["status"] not in ("failed", "timed out"), (
+            c["name"],
+            c["reason"],
+        )
         assert all(f["verdict"] in VERDICTS for f in c["figures"])
         assert f"[{c['status'].upper()}] {c['title']}" in out.stdout  # the table shows every check
         for f in c["figures"]:
@@ -59,8 +62,14 @@ def test_quick_cpu_run_reports_every_check_in_the_table_and_the_json(toy_models:
         return next(f for f in checks[check]["figures"] if f["name"].startswith(prefix))
 
     # GPU parts: reported not run with the reason, never counted as passed
-    assert "no GPU" in figure("noise", "CPU vs GPU")["note"] or "--device cpu" in figure("noise", "CPU vs GPU")["note"]
-    assert figure("es", "ES memory")["verdict"] == "not run" and figure("grpo", "peak GPU")["verdict"] == "not run"
+    assert (
+        "no GPU" in figure("noise", "CPU vs GPU")["note"]
+        or "--device cpu" in figure("noise", "CPU vs GPU")["note"]
+    )
+    assert (
+        figure("es", "ES memory")["verdict"] == "not run"
+        and figure("grpo", "peak GPU")["verdict"] == "not run"
+    )
     # GPU targets measured on a CPU are shown, not judged; the CPU target (ES share) is judged
     assert figure("scorer", "uniform")["verdict"] == "not judged" and figure("scorer", "uniform")["value"] > 0
     assert figure("es", "low-rank: throughput")["verdict"] == "not judged"
@@ -95,9 +104,13 @@ def test_a_check_over_its_limit_is_stopped_and_the_others_still_run(tmp_path: Pa
     ],
 )
 def test_user_errors_are_one_line_and_nothing_is_built(tmp_path: Path, args: list[str], message: str):
-    out = doctor(*args, "--models-dir", str(tmp_path / "models"), "--out-dir", str(tmp_path / "logs"), timeout=120)
+    out = doctor(
+        *args, "--models-dir", str(tmp_path / "models"), "--out-dir", str(tmp_path / "logs"), timeout=120
+    )
     assert out.returncode == 2
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert (
+        message in out.stderr and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    )
     assert not (tmp_path / "models").exists()  # refused before anything was materialised
 
 
@@ -127,7 +140,9 @@ def test_interleaved_means_and_share_outside_generation_are_exact():
                           "tokens": 100.0 * (i + 1)}  # fmt: skip
 
     seen = []
-    report = measure.interleaved({k: step(k) for k in times}, 3, warmup=1, on_iteration=lambda i, d: seen.append(i))
+    report = measure.interleaved(
+        {k: step(k) for k in times}, 3, warmup=1, on_iteration=lambda i, d: seen.append(i)
+    )
     assert seen == [0, 1, 2]
     full = report["full"]
     assert full["iterations"] == 2 and full["seconds"] == 5.0 and full["tokens"] == 250.0

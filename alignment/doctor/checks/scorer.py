@@ -17,7 +17,7 @@ TITLE = "Scorer service: batching on vs off, uniform and mixed loads"
 def settings(ctx: Context) -> LoadSettings:
     device = "cuda" if ctx.on_gpu else "cpu"
     if ctx.quick:
-        return LoadSettings(clients=8, requests_per_client=4, mixed_requests_per_client=2, warmup_requests=1,
+        return LoadSettings(clients=16, requests_per_client=6, mixed_requests_per_client=2, warmup_requests=1,
                             rounds=1, device=device, scorer_threads=ctx.scorer_threads, max_length=1024,
                             start_timeout=600)  # fmt: skip
     return LoadSettings(rounds=2, device=device, scorer_threads=ctx.scorer_threads, start_timeout=900)
