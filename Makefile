@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TEST_ENV := $(OFFLINE) OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled ALIGNMENT_TEST_MODELS=$(CURDIR)/models/toy-test
 
-.PHONY: setup setup-vllm demo test test-main test-vllm lint format bench clean-models doctor
+.PHONY: setup setup-vllm setup-slurm demo test test-main test-vllm lint format docs bench clean-models doctor
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -17,12 +17,17 @@ setup:
 setup-vllm:
 	@VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm_env.sh
 
+# slurm-wlm + munge for the multi-node tests (each starts its own 2-node cluster on loopback);
+# installs with apt-get as root (CI), else the tests skip saying why.
+setup-slurm:
+	@bash scripts/setup_slurm.sh
+
 demo: setup
 	$(OFFLINE) $(PY) -m alignment.demo
 
 test: test-main test-vllm
 
-test-main: setup
+test-main: setup setup-slurm
 	$(PY) -m ruff check alignment tests bench
 	$(TEST_ENV) $(PY) -m pytest tests
 
@@ -44,6 +49,11 @@ lint: setup
 
 format: setup
 	$(PY) -m ruff format alignment tests bench
+
+# The documentation site (docs/ + README.md as its home page) into site/; strict: a warning (a broken
+# link, a page missing from the nav) is an error. CI builds it too (tests/test_docs.py).
+docs: setup
+	$(PY) -m mkdocs build --strict
 
 bench: setup
 	$(OFFLINE) $(PY) bench/scorer_throughput.py

@@ -27,8 +27,10 @@ This module sits on the bottom floor: it imports nothing of the project.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -45,26 +47,60 @@ class UserError(Exception):
     """
 
 
+class InputError(UserError, ValueError):
+    """A bad value in user-given input (a row of a data file, a flag's value): a ``UserError`` that
+    is also a ``ValueError``, so code that already catches ``ValueError`` keeps working."""
+
+
 # FileNotFoundError & co. come from user-given paths in practice; the message names the path.
 _USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
     UserError,
     FileNotFoundError,
+    FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
 )
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the module docstring's layout and appends ``(default: X)`` to every option."""
+_MENTIONS_DEFAULT = re.compile(r"\bdefault\b", re.IGNORECASE)
+
+
+def _has_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` should name the action's default (options and optional positionals)."""
+    if action.default is argparse.SUPPRESS or isinstance(
+        action, (argparse._HelpAction, argparse._VersionAction)
+    ):
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and shows every option's default: ``(default: X)`` is
+    appended unless the help text already says what the default is (e.g. "default: every model"),
+    and an option without help text gets that line alone (argparse's own formatter shows nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not _has_default(action) or "%(default)" in text or _MENTIONS_DEFAULT.search(text):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.help is not argparse.SUPPRESS and _has_default(action):
+            action = copy.copy(action)  # argparse skips the help line of an action without help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's conventions: ``--debug`` accepted everywhere, defaults in
-    ``--help``, and a usage error as one line (argparse prints the usage block first)."""
+    ``--help``, a usage error as one line (argparse prints the usage block first), and no
+    abbreviated flags (``--lr`` must not silently mean ``--lr_scheduler``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of a user error")
 
@@ -95,6 +131,20 @@ def allotted_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# set beside OMP_NUM_THREADS when configure_threads chose the value, so that a later call (or a child
+# process) can tell its own choice from one the user or the job made
+_CHOSEN_ENV = "ALIGNMENT_THREADS_CHOSEN"
+
+
+def user_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when the user or the job set it; None when unset, invalid, or exported by
+    :func:`configure_threads` itself."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not (given.isdigit() and int(given) > 0) or os.environ.get(_CHOSEN_ENV) == given:
+        return None
+    return int(given)
+
+
 def configure_threads(per_process: int | None = None) -> int:
     """Set the OpenMP/torch thread count from the allotment unless ``OMP_NUM_THREADS`` is set.
 
@@ -102,10 +152,10 @@ def configure_threads(per_process: int | None = None) -> int:
     defaults to the whole allotment. The choice is exported so that child processes (DataLoader
     workers, scorer replicas, Ray actors started from here) inherit it. Returns the count in use.
     """
-    given = os.environ.get("OMP_NUM_THREADS", "").strip()
-    threads = int(given) if given.isdigit() and int(given) > 0 else max(1, per_process or allotted_cpus())
-    if not given:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+    threads = user_threads()
+    if threads is None:
+        threads = max(1, per_process or allotted_cpus())
+        os.environ["OMP_NUM_THREADS"] = os.environ[_CHOSEN_ENV] = str(threads)
     if "torch" in sys.modules:  # torch reads OMP_NUM_THREADS only when it is first imported
         import torch
 
@@ -123,11 +173,14 @@ def fail(message: str, prog: str | None = None) -> NoReturn:
 
 
 def user_error_message(exc: BaseException) -> str:
-    """The one line shown for ``exc`` (an OSError keeps the path that it names)."""
+    """The one line shown for ``exc``: its message (an OSError keeps the path that it names; another
+    library's exception type, passed to :func:`run` as a user error, is named before it)."""
     if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in str(exc.args):
         return f"{exc.strerror or exc}: {exc.filename}"
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split("\n"))
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (UserError, OSError)) and not text.startswith(type(exc).__name__):
+        text = f"{type(exc).__name__}: {text}"
+    return text
 
 
 def run(
@@ -149,7 +202,8 @@ def run(
     except _USER_ERROR_TYPES + user_errors as exc:
         if debug:
             traceback.print_exc()
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:  # what was logged comes before the error line
+            handler.flush()
         fail(user_error_message(exc), prog)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

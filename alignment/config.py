@@ -225,8 +225,9 @@ def field_help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--field`` for every field of ``cls`` (booleans: ``--field`` / ``--no_field``).
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Collection[str] = ()) -> None:
+    """Add ``--field`` for every field of ``cls`` but those in ``exclude`` (booleans: ``--field`` /
+    ``--no_field``); each flag's help ends with the field's default.
 
     Only flags given on the command line reach the config (defaults are suppressed), so the order of
     precedence stays: dataclass defaults < YAML file < command-line flags. Values are parsed as YAML
@@ -235,9 +236,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _dataclass_of(tp) is not None:
+        if _dataclass_of(tp) is not None or f.name in exclude:
             continue
         help_text = f.metadata.get("help", "")
+        if not re.search(r"\bdefault\b", help_text, re.IGNORECASE):  # a hand-written one says it better
+            help_text = f"{help_text} (default: {_default_text(f)})".lstrip()  # spelt as in the YAML
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help texts
         if tp is bool:
             group = parser.add_mutually_exclusive_group()
             group.add_argument(
@@ -246,21 +250,82 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
                 action="store_const",
                 const=True,
                 default=argparse.SUPPRESS,
-                help=help_text or f"(default {f.default})",
+                help=help_text,
             )
             group.add_argument(
-                f"--no_{f.name}", dest=f.name, action="store_const", const=False, default=argparse.SUPPRESS
+                f"--no_{f.name}",
+                dest=f.name,
+                action="store_const",
+                const=False,
+                default=argparse.SUPPRESS,
+                help=f"sets {f.name} to false",
             )
         else:
-            default = f.default if f.default is not dataclasses.MISSING else None
-            parser.add_argument(
+            action = parser.add_argument(
                 f"--{f.name}",
                 dest=f.name,
                 type=_yaml_scalar,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=help_text or f"(default {default!r})",
+                help=help_text,
             )
+            action.config_default = _default_value(f)  # what applies when neither flag nor YAML sets it
+
+
+def _default_value(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = _default_value(f)
+    if value is dataclasses.MISSING:
+        return "required"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def overrides_from_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``--key value`` (or ``--key=value``) that ``parser`` does not define
+    rewritten as ``key=value``, for a CLI whose recipe accepts keys it has no flag for (GRPO passes
+    any ``GRPOConfig`` field through). A ``--key`` followed by another flag or by nothing is
+    ``key=true``. The keys are then checked like any override: an unknown one is a
+    :class:`ConfigError` naming it. Tokens after ``--`` are left alone.
+    """
+    known = parser._option_string_actions  # noqa: SLF001 - argparse has no public lookup by flag
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        name, eq, inline = token.partition("=")
+        if not token.startswith("--") or name in known:
+            out.append(token)
+            action = known.get(name)
+            takes = 0 if action is None or eq else (action.nargs if action.nargs is not None else 1)
+            if isinstance(takes, int):  # a known flag's values pass through untouched
+                out.extend(argv[i + 1 : i + 1 + takes])
+                i += takes
+            i += 1
+            continue
+        key = name[2:]
+        if eq:
+            out.append(f"{key}={inline}")
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{key}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{key}=true")
+        i += 1
+    return out
 
 
 def _yaml_scalar(raw: str) -> Any:

@@ -12,15 +12,14 @@ training curves.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from alignment import cli
 from alignment.char_diffusion.demo import run_char_diffusion_demo
 from alignment.config import load_config
 from alignment.es.config import ESConfig
@@ -90,9 +89,8 @@ def run_demo(
     logs_dir.mkdir(parents=True, exist_ok=True)
     outputs_dir.mkdir(parents=True, exist_ok=True)
     threads = None
-    if not torch.cuda.is_available():  # the scorer and the engine share the CPU: split the cores
-        threads = max(1, (os.cpu_count() or 2) // 2)
-        torch.set_num_threads(threads)
+    if not torch.cuda.is_available():  # the scorer and the engine share the job's cores: split them
+        threads = cli.configure_threads(per_process=max(1, cli.allotted_cpus() // 2))
     logger.info("building tiny local models in %s", models_dir)
     build_toy_models(models_dir)
     address_file = logs_dir / "scorer_address.json"
@@ -167,17 +165,20 @@ def run_demo(
     return "\n\n".join([table, es_table, grpo_table, quadrants, persona, "\n".join(diffusion), where])
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models-dir", default="models/toy")
-    p.add_argument("--logs-dir", default="logs/demo")
-    p.add_argument("--outputs-dir", default="alignment/outputs/demo")
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument(
+        "--models-dir", default="models/toy", help="where the tiny models are built (reused when current)"
+    )
+    p.add_argument("--logs-dir", default="logs/demo", help="training runs and TensorBoard logs")
+    p.add_argument("--outputs-dir", default="alignment/outputs/demo", help="evaluation files and figures")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     report = run_demo(a.models_dir, a.logs_dir, a.outputs_dir)
     print("\n" + report + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -286,7 +286,7 @@ class LagrangeRecipe:
 
     passes_episode_costs: ClassVar[bool] = False
 
-    lambda_cost: float = field(default=1.0, metadata=_help("initial λ (default 1.0)"))
+    lambda_cost: float = field(default=1.0, metadata=_help("initial λ"))
     lambda_adapt: bool = field(default=False, metadata=_help("adapt λ toward the constraint E[C] <= -d"))
     lambda_rule: Rule = field(
         default="ema_log",
@@ -296,7 +296,7 @@ class LagrangeRecipe:
         default=0.0,
         metadata=_help("d in J_C = mean(C) + d: the constraint is E[C] <= -d (d = -0.1: E[C] <= 0.1)"),
     )
-    lambda_lr: float = field(default=0.005, metadata=_help("learning rate of ln λ (default 0.005)"))
+    lambda_lr: float = field(default=0.005, metadata=_help("learning rate of ln λ"))
     lambda_min: float = field(default=1e-4, metadata=_help("lower clip of λ (ema_log only)"))
     lambda_max: float = field(default=5.0, metadata=_help("upper clip of λ"))
     jc_ema_beta: float = field(default=0.9, metadata=_help("β of the EMA of J_C (ema_log)"))

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Character diffusion: one stage per job (pretrain the generator, train the judge, or GRPO fill-in),
-# on every GPU of the node through torchrun (DDP). No scorer service is involved.
+# on every GPU of one or several nodes through torchrun (DDP). No scorer service is involved. On N
+# nodes (sbatch --nodes=N) srun starts one torchrun per node, which meet in a static rendezvous on
+# the first node (its SLURM NodeAddr, port RDZV_PORT): N x NPROC ranks.
 #
 #   sbatch slurm/train_char_diffusion.sh                                  # GRPO, 4 GPUs
 #   STAGE=pretrain sbatch slurm/train_char_diffusion.sh
 #   STAGE=judge sbatch --dependency=afterok:<pretrain job> slurm/train_char_diffusion.sh
 #   RESUME=1 sbatch slurm/train_char_diffusion.sh                         # continue out_dir/ckpt.pt
+#   sbatch --nodes=2 slurm/train_char_diffusion.sh                        # GRPO, 2 x 4 GPUs
 #   bash slurm/train_char_diffusion.sh --max_iters 2                      # here and now
 #
 # Prepare the data once first (CPU, seconds): python -m alignment.char_diffusion.prepare --input
@@ -16,14 +19,15 @@
 # Settings (environment variables, with their defaults):
 #   STAGE=grpo                                       pretrain | judge | grpo
 #   CONFIG=alignment/char_diffusion/<train|judge|grpo>.yaml   recipe of the stage
-#   NPROC=<GPUs visible, else 1>                     torchrun processes (one per GPU; CPU: gloo)
+#   NPROC=<GPUs visible, else 1>                     torchrun processes per node (one per GPU; CPU: gloo)
+#   RDZV_PORT=<20000 + job id % 10000>               several nodes: the rendezvous port on the first node
 #   RESUME=""                                        non-empty: --resume (out_dir/ckpt.pt)
 #   EXTRA_ARGS=""                                    space-separated extra flags
 #   PYTHON=.venv/bin/python (else python3)
 #
 #SBATCH --job-name=char-diffusion
 #SBATCH --nodes=1
-#SBATCH --ntasks=1
+#SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:4
 #SBATCH --cpus-per-task=16
 #SBATCH --mem=64G
@@ -64,7 +68,9 @@ read -r -a extra <<<"${EXTRA_ARGS}"
 args=(--config "${CONFIG}")
 [[ -z "${RESUME}" ]] || args+=(--resume)
 args+=("${extra[@]}" "$@")
-cmd=("${python_bin}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC}" -m "${module}" "${args[@]}")
-log "stage=${STAGE} processes=${NPROC} config=${CONFIG}${RESUME:+ resume}"
+torchrun_setup "${NPROC}"
+cmd=("${launcher[@]}" "${python_bin}" -m torch.distributed.run "${torchrun_flags[@]}" -m "${module}" "${args[@]}")
+log "stage=${STAGE} processes=${NPROC} config=${CONFIG}${RESUME:+ resume} nodes=$(job_num_nodes)"
 log "running: ${cmd[*]}"
-exec "${cmd[@]}"
+# on_every_node is a function (srun underneath), which exec cannot replace this shell with
+"${cmd[@]}"

@@ -15,7 +15,8 @@ from alignment.scoring.launch import ScorerProcess, start_scorer  # noqa: E402
 from alignment.toy.build import build_toy_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+# ../shared/reference beside the checkout; ALIGNMENT_REFERENCE points elsewhere (e.g. from a git worktree)
+SHARED_REFERENCE = Path(os.environ.get("ALIGNMENT_REFERENCE") or REPO.parent / "shared" / "reference")
 
 
 @pytest.fixture(scope="session")

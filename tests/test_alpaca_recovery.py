@@ -34,6 +34,7 @@ from alignment.alpaca.recover import (
     plan_recovery,
     recover,
 )
+from alignment.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, HEAD_DIM = 2, 8
@@ -252,10 +253,11 @@ def test_existing_output_needs_force(tiny: dict, tmp_path: Path) -> None:
 def test_inputs_resolve_or_fail_clearly(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model_dir(str(tmp_path)) == tmp_path
-    with pytest.raises(FileNotFoundError, match="no such model folder"):
-        resolve_model_dir(str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="not-a-cached-model/alpaca-none.*could not be fetched"):
-        resolve_model_dir("not-a-cached-model/alpaca-none")
+    with pytest.raises(UserError, match=r"no such model folder: .*missing \(--base\)"):
+        resolve_model_dir(str(tmp_path / "missing"), "--base")
+    # offline and not cached: one line naming the model, the flag and the switch that is off
+    with pytest.raises(UserError, match=r"'not-a-cached-model/alpaca-none' \(--diff\).*HF_HUB_OFFLINE=1"):
+        resolve_model_dir("not-a-cached-model/alpaca-none", "--diff")
     with pytest.raises(SystemExit):
         parse_args(["--base", "b", "--dtype", "int8"])
 

@@ -4,6 +4,7 @@ weights on both ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,15 +29,37 @@ def _config(models: dict[str, str], out: Path, accumulation: int) -> GRPOConfig:
         "eval_batch_size": 2, "save_interval": 100, "device": "cpu", "backend": "gloo"})  # fmt: skip
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; on timeout the whole group (torchrun and its workers) is
-    killed, so no rank outlives the test."""
+    """Run ``cmd`` in its own process group; on timeout torchrun and every process below it are
+    killed, so no rank outlives the test (torchrun starts its workers in sessions of their own: killing
+    its process group alone leaves them behind, stuck in a collective)."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        below = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(
             f"torchrun did not finish in {timeout} s\n{out[-2000:]}\n{err[-2000:]}"

@@ -251,3 +251,65 @@ def test_a_later_inner_epoch_rescores_the_same_fills_with_one_forward_and_clips(
     assert torch.isinf(dist2[~ro.keep]).all() and torch.isfinite(dist2[ro.keep]).all()  # same support
     _, second = grpo_loss(dist2, ro, cfg)
     assert second["ratio_mean"] != pytest.approx(1.0) and second["clip_fraction"] > 0.0
+
+
+def _one_draw_kl(z: torch.Tensor, ref: torch.Tensor, draw: int, top_p: float, estimator: str) -> float:
+    """``mean_kl`` of a rollout whose fills of one masked character are all ``draw`` (k = 2)."""
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    dist, _ = fill_distribution(z, mask, 0.8, top_p, BANNED)
+    ref_logits, _ = fill_distribution(ref, mask, 0.8, 1.0, BANNED)
+    ro = _rollout_for(dist, ref_logits, torch.tensor([[draw], [draw]]), torch.zeros(2),
+                      torch.zeros(2, dtype=torch.float64), mask)  # fmt: skip
+    return grpo_loss(dist, ro, GRPOConfig(kl_beta=1.0, kl_estimator=estimator))[1]["mean_kl"]
+
+
+def test_k3_with_the_recipes_nucleus_is_unbiased_by_enumeration():
+    """Issue 21, item 2: temperature 0.8, top_p 0.95 (the recipe's). E over the sampled character of
+    the k3 metric, enumerated, equals the exact KL(π‖π_ref), π the nucleus distribution."""
+    z = torch.tensor([[[2.5, 1.0, 0.2, -1.5, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    ref = torch.tensor([[[0.3, 1.1, -0.4, -1.2, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    for policy in (z, ref):  # a moved policy, and the unchanged one (π = π_ref before the nucleus)
+        probs = sampled_probs(policy[0, 0].tolist(), 0.8, 0.95)
+        support = [v for v, p in enumerate(probs) if p > 0]
+        r = sampled_probs(ref[0, 0].tolist(), 0.8, 1.0)
+        ref_mass = sum(r[v] for v in support)
+        assert len(support) < 4 and ref_mass < 0.99  # the nucleus cuts something
+        exact = sum(probs[v] * math.log(probs[v] / r[v]) for v in support)
+        assert _one_draw_kl(policy, ref, support[0], 0.95, "exact") == pytest.approx(exact, abs=1e-12)
+        k3 = sum(probs[v] * _one_draw_kl(policy, ref, v, 0.95, "k3") for v in support)
+        assert k3 == pytest.approx(exact, abs=1e-12)
+        if policy is ref:  # then KL = −log π_ref(S) and each draw's k3 is that, exactly
+            assert exact == pytest.approx(-math.log(ref_mass), abs=1e-12)
+            assert all(
+                _one_draw_kl(ref, ref, v, 0.95, "k3") == pytest.approx(exact, abs=1e-12) for v in support
+            )
+
+
+def test_batch_scale_grades_with_the_whole_generation_batch():
+    """Issue 21, item 3 on one process: with 2 micro-batches, ``batch`` divides by the std of both
+    micro-batches' rewards (TRL's generation batch), not each micro-batch's own."""
+    from alignment.char_diffusion.grpo import generation_rewards, grade
+    from alignment.distributed import DistInfo
+
+    gen, ref, judge = _models()
+    cfg = GRPOConfig(group_size=4, advantage_scale="batch")
+    rollouts = []
+    for seed in (7, 8):
+        tokens = torch.randint(0, 4, (2, 6), generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(2, 6, dtype=torch.bool)
+        mask[:, 1:4] = True
+        with torch.no_grad():
+            ro, _ = rollout(gen, ref, judge, tokens, tokens.masked_fill(mask, 4), mask, cfg, BANNED,
+                            torch.Generator().manual_seed(seed))  # fmt: skip
+        assert ro.advantages is None  # not graded before the whole batch is in
+        with pytest.raises(ValueError, match="no advantages yet"):
+            grpo_loss(torch.zeros(6, V), ro, cfg)
+        rollouts.append(ro)
+    everything = generation_rewards(DistInfo(), [ro.rewards for ro in rollouts])
+    assert torch.equal(everything, torch.stack([rollouts[0].rewards, rollouts[1].rewards]))
+    std = torch.cat([ro.rewards.flatten() for ro in rollouts]).std()
+    for ro in rollouts:
+        graded = grade(ro, cfg, everything)
+        centred = ro.rewards - ro.rewards.mean(1, keepdim=True)
+        torch.testing.assert_close(graded.advantages, centred / (std + cfg.advantage_eps))
+        assert not torch.allclose(graded.advantages, centred / (ro.rewards.std() + cfg.advantage_eps))

@@ -152,5 +152,26 @@ def test_field_help_is_the_flag_help():
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, Helped)
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
-    assert helps["--steps"] == "optimiser steps to take" and helps["--quiet"] == "log warnings only"
-    assert helps["--plain"] == "(default 0.5)"  # without field_help: the default
+    # the default, as the YAML spells it, follows the field's help (or stands alone without one)
+    assert helps["--steps"] == "optimiser steps to take (default: 3)"
+    assert helps["--quiet"] == "log warnings only (default: false)"
+    assert helps["--plain"] == "(default: 0.5)"
+
+
+def test_unknown_flags_become_overrides_known_flags_stay():
+    import argparse
+
+    from alignment.config import overrides_from_flags
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--use_vllm", action="store_const", const=True)
+    p.add_argument("--models", nargs="+")
+    argv = ["--config", "--weird.yaml", "--warmup_steps", "0.1", "beta=0.05", "--lr=-1e-5", "--use_vllm",
+            "--bf16", "--models", "a", "b", "--seed", "-3", "--", "--raw"]  # fmt: skip
+    assert overrides_from_flags(p, argv) == [
+        "--config", "--weird.yaml",  # a known flag's value passes through, even one that looks like a flag
+        "warmup_steps=0.1", "beta=0.05", "lr=-1e-5", "--use_vllm",
+        "bf16=true",  # an unknown flag followed by another flag: a switch
+        "--models", "a", "b", "seed=-3", "--", "--raw",
+    ]  # fmt: skip

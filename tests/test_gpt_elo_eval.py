@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from alignment import cli
 from alignment.evaluation.comparisons import write_model_outputs
 from alignment.evaluation.elo import elo_ratings
-from alignment.evaluation.gpt_elo_eval import main
+from alignment.evaluation.gpt_elo_eval import USER_ERRORS, main
 from alignment.evaluation.judge import (
     VERDICT_PARSINGS,
     RateLimiter,
@@ -35,6 +36,13 @@ PROMPTS = ("How do I bake bread?", "Is it safe to mix bleach and ammonia?", "Wri
 LENGTHS = {"Alpaca-7B": (10, 20, 10), "Model-B": (15, 15, 15), "Model-C": (20, 10, 20)}
 KEY_ENV = "GPT_ELO_TEST_KEY"
 TOTAL = 3 * 3 * 2  # pairs × prompts × dimensions
+
+
+def run_cli(argv: list[str]) -> int:
+    """The exit status of the command line ``argv``, with the CLI's error handling."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, argv, user_errors=USER_ERRORS)
+    return exit_info.value.code
 
 
 def _answer(model: str, i: int) -> str:
@@ -139,7 +147,7 @@ def test_rate_limiter_spaces_requests() -> None:
 def test_full_run_then_rerun_skips_everything(points_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "elo"
     with JudgeServer() as server:
-        assert main(_args(server, points_dir, out)) == 0
+        assert run_cli(_args(server, points_dir, out)) == 0
         assert server.count() == TOTAL
         body = server.requests[0].body
         assert body["model"] == "judge-test" and body["temperature"] == 0 and body["max_tokens"] == 1024
@@ -159,13 +167,13 @@ def test_full_run_then_rerun_skips_everything(points_dir: Path, tmp_path: Path, 
         assert len(table) == 6 and float(table[0]["elo"]) >= float(table[1]["elo"])
         assert f"ratings: {out / 'gpt_elo_ratings.json'}" in capsys.readouterr().out
 
-        assert main(_args(server, points_dir, out)) == 0  # resume: nothing left to judge
+        assert run_cli(_args(server, points_dir, out)) == 0  # resume: nothing left to judge
         assert server.count() == TOTAL and len(read_judgments(out / "gpt_judgments.jsonl")) == TOTAL
 
-        assert main(_args(server, points_dir, out, "--judge-model", "other-judge")) == 1
+        assert run_cli(_args(server, points_dir, out, "--judge-model", "other-judge")) == 2
         assert "holds judgments by ['judge-test']" in capsys.readouterr().err and server.count() == TOTAL
         assert {r["verdict_parsing"] for r in rows} == {"study"}  # the default, recorded per row
-        assert main(_args(server, points_dir, out, "--verdict-parsing", "strict")) == 1
+        assert run_cli(_args(server, points_dir, out, "--verdict-parsing", "strict")) == 2
         assert (
             "verdicts parsed as ['study'], not strict" in capsys.readouterr().err and server.count() == TOTAL
         )
@@ -174,7 +182,7 @@ def test_full_run_then_rerun_skips_everything(points_dir: Path, tmp_path: Path, 
 @pytest.mark.parametrize("status", [429, 500])
 def test_transient_errors_retried(points_dir: Path, tmp_path: Path, status: int) -> None:
     with JudgeServer(Behaviour(fail_first=3, fail_status=status)) as server:
-        assert main(_args(server, points_dir, tmp_path / "elo")) == 0
+        assert run_cli(_args(server, points_dir, tmp_path / "elo")) == 0
         assert server.count(status) == 3 and server.count(200) == TOTAL
     _check_complete(read_judgments(tmp_path / "elo" / "gpt_judgments.jsonl"))
 
@@ -184,13 +192,13 @@ def test_auth_error_fails_loud_then_resume_requests_only_missing(
 ) -> None:
     out = tmp_path / "elo"
     with JudgeServer(Behaviour(fail_after=5, permanent_status=401)) as server:
-        assert main(_args(server, points_dir, out, "--concurrency", "1")) == 1
+        assert run_cli(_args(server, points_dir, out, "--concurrency", "1")) == 2
         assert server.count() == 6  # five answered, one 401: not retried
     assert "AuthenticationError" in capsys.readouterr().err
     assert len(read_judgments(out / "gpt_judgments.jsonl")) == 5
     assert not (out / "gpt_elo_ratings.json").exists()
     with JudgeServer() as server:
-        assert main(_args(server, points_dir, out)) == 0
+        assert run_cli(_args(server, points_dir, out)) == 0
         assert server.count() == TOTAL - 5
     _check_complete(read_judgments(out / "gpt_judgments.jsonl"))
 
@@ -199,13 +207,13 @@ def test_limit_and_truncated_last_line_resume(points_dir: Path, tmp_path: Path, 
     out = tmp_path / "elo"
     path = out / "gpt_judgments.jsonl"
     with JudgeServer() as server:
-        assert main(_args(server, points_dir, out, "--limit", "7")) == 0
+        assert run_cli(_args(server, points_dir, out, "--limit", "7")) == 0
         assert server.count() == 7 and len(read_judgments(path)) == 7
         assert "judging incomplete" in capsys.readouterr().out and not (out / "gpt_elo_ratings.json").exists()
         text = path.read_text(encoding="utf-8")
         path.write_text(text[: len(text) - 40], encoding="utf-8")  # a crash in the middle of line 7
         assert len(read_judgments(path)) == 6
-        assert main(_args(server, points_dir, out)) == 0
+        assert run_cli(_args(server, points_dir, out)) == 0
         assert server.count() == 7 + TOTAL - 6
     assert all(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
     _check_complete(read_judgments(path))
@@ -214,7 +222,7 @@ def test_limit_and_truncated_last_line_resume(points_dir: Path, tmp_path: Path, 
 
 def test_both_orders(points_dir: Path, tmp_path: Path) -> None:
     with JudgeServer() as server:
-        assert main(_args(server, points_dir, tmp_path / "elo", "--order", "both")) == 0
+        assert run_cli(_args(server, points_dir, tmp_path / "elo", "--order", "both")) == 0
         assert server.count() == 2 * TOTAL
     rows = read_judgments(tmp_path / "elo" / "gpt_judgments.jsonl")
     _check_complete(rows, per_pair=2)
@@ -233,7 +241,7 @@ def test_keyless_run_fails_before_any_request(
     else:
         monkeypatch.setenv(KEY_ENV, value)
     with JudgeServer() as server:
-        assert main(_args(server, points_dir, tmp_path / "elo")) == 1
+        assert run_cli(_args(server, points_dir, tmp_path / "elo")) == 2
         assert server.count() == 0
     assert f"environment variable {KEY_ENV} is unset or empty" in capsys.readouterr().err
     assert not (tmp_path / "elo" / "gpt_judgments.jsonl").exists()
@@ -241,7 +249,7 @@ def test_keyless_run_fails_before_any_request(
 
 def test_missing_baseline_fails_before_any_request(points_dir: Path, tmp_path: Path, capsys) -> None:
     with JudgeServer() as server:
-        assert main(_args(server, points_dir, tmp_path / "elo", "--models", "Model-B", "Model-C")) == 1
+        assert run_cli(_args(server, points_dir, tmp_path / "elo", "--models", "Model-B", "Model-C")) == 2
         assert server.count() == 0
     assert "baseline 'Alpaca-7B' is not among the models ['Model-B', 'Model-C']" in capsys.readouterr().err
 
@@ -254,7 +262,7 @@ def test_rate_limit_reaches_the_requests(points_dir: Path, tmp_path: Path) -> No
             server, points_dir, tmp_path / "elo", "--num-prompts", "1", "--max-requests-per-minute", "600"
         )
         start = time.monotonic()
-        assert main([*args, "--bt-bootstrap", "0"]) == 0
+        assert run_cli([*args, "--bt-bootstrap", "0"]) == 0
         elapsed = time.monotonic() - start
         assert server.count() == 6
     assert elapsed >= 0.5, elapsed
@@ -267,7 +275,7 @@ def test_ratings_only_reproduces_reference(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv(KEY_ENV)  # no judge, no key needed
     out = tmp_path / "ratings"
     argv = ["--judgments", str(judgments), "--ratings-only", "--output-dir", str(out), "--bt-bootstrap", "20"]
-    assert main(argv) == 0
+    assert run_cli(argv) == 0
     assert json.loads((out / "gpt_elo_ratings.json").read_text()) == json.loads(
         (GPT_ELO / "gpt_elo_ratings.json").read_text()
     )
@@ -315,7 +323,7 @@ def test_strict_parsing_end_to_end(points_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "elo"
     with JudgeServer() as server:
         argv = _args(server, points_dir, out, "--num-prompts", "1", "--verdict-parsing", "strict")
-        assert main([*argv, "--bt-bootstrap", "0"]) == 0
+        assert run_cli([*argv, "--bt-bootstrap", "0"]) == 0
     rows = read_judgments(out / "gpt_judgments.jsonl")
     assert len(rows) == 6 and {r["verdict_parsing"] for r in rows} == {"strict"}
     assert all(r["scores"] == _expected(r) for r in rows)

@@ -7,10 +7,13 @@ import math
 import socket
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from alignment.config import ConfigError
+from alignment.grpo.best import rank_key
 from alignment.grpo.config import load_grpo_config
-from alignment.grpo.train_grpo_alignment import grpo_args, train_grpo
+from alignment.grpo.train_grpo_alignment import grpo_args, parse_args, train_grpo
 from alignment.scoring.client import ScorerUnavailableError
 from tests.conftest import REPO
 
@@ -43,9 +46,35 @@ def test_grpo_config_gets_the_recipe_and_cpu_settings(toy_models, tmp_path):
     assert args.generation_kwargs["stop_strings"][0] == "USER:"
 
 
+def test_command_line_takes_flags_and_key_value_overrides(tmp_path):
+    cfg, resume = parse_args(["--config", str(TOY_RECIPE), "--max_steps", "3", "lambda_lr=0.2", "--warmup_steps",
+                              "0.2", "--no_lambda_adapt", "--beta", "0.1", "beta=0.3", "--resume", "latest"])  # fmt: skip
+    assert (cfg.max_steps, cfg.lambda_lr, cfg.lambda_adapt, resume) == (3, 0.2, False, "latest")
+    assert cfg.extra == {"warmup_steps": 0.2}  # a GRPOConfig field without a flag of ours
+    assert cfg.beta == 0.3  # key=value beats --key value
+    assert cfg.model_name == "models/toy/policy" and cfg.eval_every == 20  # the recipe's values stay
+    with pytest.raises(ConfigError, match="unknown key 'warmup_stepz'.*'warmup_steps'"):
+        parse_args(["--warmup_stepz", "0.2"])
+
+
+def test_best_evaluation_ranking_is_the_constrained_order():
+    def ev(r, c, safe=50.0):
+        return {"R_mean": r, "C_mean": c, "safe_ratio": safe}
+
+    # d = -0.1: the constraint is E[C] <= 0.1
+    evals = [ev(3.0, 0.5), ev(1.0, 0.1), ev(2.0, 0.05), ev(-1.0, -2.0), ev(5.0, 0.2)]
+    order = sorted(range(5), key=lambda i: rank_key(evals[i], "constrained", -0.1), reverse=True)
+    # feasible by reward (2.0, 1.0, -1.0), then infeasible by violation (0.1 before 0.4)
+    assert order == [2, 1, 3, 4, 0]
+    assert max(range(5), key=lambda i: rank_key(evals[i], "reward", -0.1)) == 4
+    assert rank_key(ev(0.0, 9.0, 100.0), "safe_ratio", 0.0) > rank_key(ev(9.0, 0.0, 99.0), "safe_ratio", 0.0)
+    with pytest.raises(ValueError, match="best_by"):
+        rank_key(ev(0, 0), "loss", 0.0)
+
+
 def test_few_steps_end_to_end_with_lambda_logged_and_evaluated(toy_models, scorer, tmp_path):
     out = tmp_path / "run"
-    result = train_grpo(toy_cfg(toy_models, scorer.url, out, eval_every=2, lambda_adapt=True))
+    result = train_grpo(toy_cfg(toy_models, scorer.url, out, eval_every=2, lambda_adapt=True, save_steps=1))
     steps = [h for h in result["log_history"] if "lambda/value" in h]
     assert len(steps) == 3
     assert len({round(h["lambda/value"], 9) for h in steps}) > 1  # λ moved, once per step
@@ -55,6 +84,20 @@ def test_few_steps_end_to_end_with_lambda_logged_and_evaluated(toy_models, score
     assert set(evals[-1]["counts"]) == {"SH", "SU", "UH", "UU"} and evals[-1]["num_points"] == 6
     assert (out / "final" / "model.safetensors").is_file()
     assert any((out / "runs").rglob("events.out.tfevents*"))
+
+    # best/: the model of the best evaluation by the constrained order, beside final/
+    cfg = load_grpo_config(out / "config.yaml")  # the recipe as run, written by train_grpo
+    assert cfg.eval_every == 2 and cfg.output_dir == str(out)
+    best = json.loads((out / "best" / "best.json").read_text())
+    winner = max(evals, key=lambda e: rank_key(e, "constrained", cfg.cost_threshold_d))  # the first of ties
+    assert best["eval"] == winner == result["best_eval"] and best["step"] == winner["step"]
+    # the weights of that step: the initial policy at step 0, else that step's checkpoint (saved from
+    # the same parameters on the same step, so equal bit for bit)
+    step = best["step"]
+    source = toy_models / "policy" if step == 0 else out / f"checkpoint-{step}"
+    saved, kept = load_file(source / "model.safetensors"), load_file(out / "best" / "model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert (out / "best" / "tokenizer.json").is_file() and not (out / ".best.tmp").exists()
 
 
 def test_resume_restores_lambda_and_its_ema(toy_models, scorer, tmp_path):
@@ -72,6 +115,9 @@ def test_resume_restores_lambda_and_its_ema(toy_models, scorer, tmp_path):
     # the λ used in the first resumed step is the λ saved with the checkpoint
     assert step3 and step3[0]["lambda/value"] == pytest.approx(math.exp(saved["log_lambda"]), rel=1e-6)
     assert resumed["lambda"]["steps"] == 3
+    # best/ survives the resume: replaced only by a better evaluation
+    d = resumed["lambda"]["config"]["cost_threshold_d"]
+    assert rank_key(resumed["best_eval"], "constrained", d) >= rank_key(first["best_eval"], "constrained", d)
 
 
 def test_scorer_failure_stops_training(toy_models, tmp_path):

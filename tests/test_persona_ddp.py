@@ -33,8 +33,9 @@ def _torchrun(cfg, *switches: str) -> subprocess.CompletedProcess:
 
 
 def test_two_gloo_processes_train_identical_replicas(persona_toy, tmp_path):
+    # batch-scaled advantages: every step gathers both ranks' rewards (tests/test_pg_ddp.py checks the numbers)
     cfg = toy_cfg(persona_toy, tmp_path, "ddp", reader_rl_learning=True, use_grpo=True, per_gpu_batch_size=2,
-                  train_retriever=True, total_steps=2, save_freq=1)  # fmt: skip
+                  train_retriever=True, total_steps=2, save_freq=1, grpo_scale_rewards="batch")  # fmt: skip
     _torchrun(cfg, "--reader_rl_learning", "--use_grpo", "--train_retriever")
     for step in (1, 2):
         state = ckpt.load_state(cfg.run_dir / "checkpoint" / f"step-{step}")

@@ -16,7 +16,10 @@ from alignment.persona.rl import (
     reinforce_baseline,
     reinforce_objective,
 )
+from alignment.persona.sampler import Samples, reference_logits, sampled_logits
+from alignment.persona.trainer import train
 from alignment.pg import sampling_logits
+from alignment.tracking import read_jsonl_metrics
 
 
 def test_reinforce_baselines():
@@ -166,3 +169,91 @@ def test_a_non_finite_gradient_never_reaches_the_weights():
         optim.update(w.sum() * float("inf"))
     assert torch.equal(w.detach(), torch.ones(3))
     assert optim.update(w.sum()) == pytest.approx(3**0.5)
+
+
+def _one_step_samples(logits: torch.Tensor, token: int, top_p: float) -> Samples:
+    """One response of one token drawn from ``logits`` [V] with ``top_p``; id 4 is banned (as pad is)."""
+    dist, keep = sampling_logits(logits, 1.0, top_p, [4])
+    logp = torch.log_softmax(dist, -1)[token]
+    return Samples(
+        torch.tensor([[token]]), torch.ones(1, 1, dtype=torch.bool), logp.view(1, 1), keep.view(1, 1, -1)
+    )
+
+
+def _kl_of_sample(policy, ref, token, top_p, estimator) -> torch.Tensor:
+    """The persona GRPO's logged KL for one sampled token, through its own sampler helpers."""
+    samples = _one_step_samples(policy.detach(), token, top_p)
+    dist = sampled_logits(policy.view(1, 1, -1), samples, 1.0, top_p, [4])
+    ref_dist = reference_logits(ref.view(1, 1, -1), 1.0, [4])
+    out, _ = grpo_objective(dist, ref_dist, samples.tokens, samples.mask, None, torch.zeros(1),
+                            GRPOSettings(kl_coeff=1.0, kl_estimator=estimator))  # fmt: skip
+    return out
+
+
+def test_grpo_kl_under_a_collapsed_nucleus_is_minus_log_ref():
+    """Issue 21, item 1: 4 tokens (+ a banned one), nucleus {0}, the reference gives token 0 0.01. The
+    reference is taken without the nucleus, so the KL is −log 0.01 = 4.605, not 0."""
+    policy = torch.tensor([6.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([0.01, 0.33, 0.33, 0.33, 1.0], dtype=torch.float64).log()  # id 4 is banned anyway
+    assert _one_step_samples(policy.detach(), 0, 0.5).keep.view(-1).tolist() == [
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    for estimator in ("exact", "k1", "k3"):
+        out = _kl_of_sample(policy, ref, 0, 0.5, estimator)
+        assert out.kl.item() == pytest.approx(-math.log(0.01), abs=1e-12), estimator
+        # with A = 0 the loss is β·KL; nearby weights sample the same single token: no gradient
+        (g,) = torch.autograd.grad(out.loss, policy)
+        assert g.abs().max() == 0, estimator
+    # what the cut reference said (the bug): both distributions are token 0 with probability 1
+    samples = _one_step_samples(policy.detach(), 0, 0.5)
+    cut = sampled_logits(ref.view(1, 1, -1), samples, 1.0, 0.5, [4])
+    dist = sampled_logits(policy.view(1, 1, -1), samples, 1.0, 0.5, [4])
+    assert (
+        grpo_objective(dist, cut, samples.tokens, samples.mask, None, torch.zeros(1), GRPOSettings())[0].kl
+        == 0
+    )
+
+
+def test_grpo_kl_estimators_under_a_nucleus_by_enumeration():
+    """E over the sampled token of each estimator, through the persona path, against KL(π_S‖ref)
+    written out: exact at every token, k1 and (corrected) k3 in expectation."""
+    policy = torch.tensor([1.2, 0.9, 0.3, -0.5, 0.0], dtype=torch.float64)
+    ref = torch.tensor([-0.3, 0.8, 0.1, 0.6, 0.0], dtype=torch.float64)
+    top_p = 0.75
+    dist, keep = sampling_logits(policy, 1.0, top_p, [4])
+    support = [v for v in range(5) if keep[v]]
+    assert 1 < len(support) < 4
+    p = torch.softmax(dist, -1)
+    q = torch.softmax(ref[:4], -1)  # the reference over the 4 allowed ids: no nucleus
+    target = sum(float(p[v]) * math.log(float(p[v]) / float(q[v])) for v in support)
+    assert q[support].sum() < 0.9  # the nucleus leaves > 10 % of the reference's mass out
+    for estimator in ("exact", "k1", "k3"):
+        values = {v: _kl_of_sample(policy, ref, v, top_p, estimator).kl.item() for v in support}
+        mean = sum(float(p[v]) * values[v] for v in support)
+        assert mean == pytest.approx(target, abs=1e-12), estimator
+        if estimator == "exact":
+            assert all(x == pytest.approx(target, abs=1e-12) for x in values.values())
+
+
+def test_grpo_step_kl_sees_the_nucleus_and_k3_agrees(persona_toy, tmp_path):
+    """End to end through ``grpo_step``: at the first step the policy is the reference, so with
+    ``--sampling_top_p 0.5`` the KL at each token is exactly −log ref(S), the reference's mass on the
+    nucleus sampled from (> 0; the cut reference gave 0 here), and the corrected k3 equals it at every
+    token (TRL's k3 would be lower by 1 − ref(S) per token)."""
+    from tests.test_persona_train import toy_cfg
+
+    kl = {}
+    for estimator in ("exact", "k3"):
+        cfg = toy_cfg(persona_toy, tmp_path, estimator, reader_rl_learning=True, use_grpo=True, total_steps=1,
+                      per_gpu_batch_size=2, grpo_inner_epochs=1, sampling_top_p=0.5, grpo_kl_estimator=estimator,
+                      eval_max_examples=2)  # fmt: skip
+        train(cfg)
+        (row,) = [r for r in read_jsonl_metrics(cfg.run_dir / "metrics.jsonl") if "train/kl" in r]
+        kl[estimator] = row["train/kl"]
+    assert kl["exact"] > 0.05
+    # the same samples (same seed); the two sums differ only by float32 rounding (a few ulps per token)
+    assert kl["k3"] == pytest.approx(kl["exact"], rel=1e-5)

@@ -4,6 +4,8 @@ only absorb the rounding of those sums."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from alignment.pg import (
     kl_k3,
     leave_one_out_baseline,
     per_token_kl,
+    reference_mass,
     reinforce_loss,
     sample,
     sampling_logits,
@@ -226,3 +229,137 @@ def test_reinforce_expected_gradient_sign_and_baseline_invariance(logits):
     assert step[1] < 0  # id 1 has the highest reward, so −∂loss/∂θ₁ > 0
     with pytest.raises(ValueError, match=r"must both be \[B\]"):
         reinforce_loss(logp.unsqueeze(0), reward.unsqueeze(0))
+
+
+def _nucleus(theta: torch.Tensor, ref: torch.Tensor, temperature: float, top_p: float):
+    """π (tempered, cut to its nucleus S, renormalised), the reference (tempered, not cut), and
+    their log-probs: the pair every KL of a truncated sampler compares."""
+    dist, keep = sampling_logits(theta, temperature, top_p)
+    ref_dist, _ = sampling_logits(ref, temperature, 1.0)
+    return dist, ref_dist, keep
+
+
+def _expected_k3(dist, ref_dist, mass) -> torch.Tensor:
+    """E_{a~π}[k3(a)] enumerated over π's support (π's weights held fixed, as for sampled tokens)."""
+    logp, ref_logp = torch.log_softmax(dist, -1), torch.log_softmax(ref_dist, -1)
+    support = torch.isfinite(dist)
+    values = kl_k3(logp[support], ref_logp[support], mass)
+    return (logp[support].exp().detach() * values).sum()
+
+
+def test_k3_under_a_nucleus_is_unbiased_only_with_the_reference_mass(logits):
+    theta, ref = logits
+    dist, ref_dist, keep = _nucleus(theta, ref, 0.8, 0.7)
+    assert 1 < int(keep.sum()) < V  # a real cut: the nucleus holds some ids, not all
+    mass = reference_mass(dist, ref_dist)
+    ref_p = torch.softmax(ref_dist, -1)
+    torch.testing.assert_close(mass, ref_p[keep].sum(), **TOL)
+    target = exact_kl(dist, ref_dist)  # KL(π_S‖ref) over the support, by its definition:
+    p = torch.softmax(dist, -1)[keep]
+    torch.testing.assert_close(target, (p * (p.log() - ref_p[keep].log())).sum(), **TOL)
+    torch.testing.assert_close(_expected_k3(dist, ref_dist, mass), target, **TOL)
+    # TRL's k3 (− 1) is low by exactly the reference's mass outside the nucleus
+    torch.testing.assert_close(_expected_k3(dist, ref_dist, None), target - (1 - mass), **TOL)
+    assert 1 - mass > 0.05
+    # k1 needs no correction; every corrected k3 value stays ≥ 0
+    logp, ref_logp = torch.log_softmax(dist, -1)[keep], torch.log_softmax(ref_dist, -1)[keep]
+    torch.testing.assert_close((p.detach() * kl_k1(logp, ref_logp)).sum(), target, **TOL)
+    assert (kl_k3(logp, ref_logp, mass) >= 0).all()
+
+
+def test_k3_with_an_unchanged_policy_and_a_nucleus_reports_minus_log_ref_mass():
+    """π = π_ref before the nucleus (the first step of a run): KL(π_S‖ref) = −log ref(S); TRL's k3
+    averages −log ref(S) − (1 − ref(S)), e.g. 0.0010 where the KL is 0.0460 (ref(S) = 0.955)."""
+    z = torch.tensor([2.0, 1.4, 0.9, 0.1, -0.6, -1.5], dtype=torch.float64)
+    dist, ref_dist, keep = _nucleus(z, z, 0.8, 0.95)
+    mass = reference_mass(dist, ref_dist)
+    torch.testing.assert_close(exact_kl(dist, ref_dist), -mass.log(), **TOL)
+    torch.testing.assert_close(_expected_k3(dist, ref_dist, mass), -mass.log(), **TOL)
+    torch.testing.assert_close(_expected_k3(dist, ref_dist, None), -mass.log() - (1 - mass), **TOL)
+    # on this support π(v) = ref(v)/ref(S) for every v: each single draw's k3 is exactly −log ref(S)
+    logp, ref_logp = torch.log_softmax(dist, -1)[keep], torch.log_softmax(ref_dist, -1)[keep]
+    torch.testing.assert_close(kl_k3(logp, ref_logp, mass), (-mass.log()).expand(int(keep.sum())), **TOL)
+    assert 0.9 < mass < 0.99  # the nucleus cut a few per cent of the mass
+    # the issue's numbers follow from ref(S) alone
+    assert (-math.log(0.955), -math.log(0.955) - 0.045) == pytest.approx((0.0460, 0.0010), abs=5e-5)
+
+
+def test_a_collapsed_nucleus_keeps_the_divergence_the_cut_reference_hid():
+    """4 tokens, nucleus {0}: π is token 0 with probability 1; the reference gives it 0.01."""
+    theta = torch.tensor([6.0, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([0.01, 0.33, 0.33, 0.33], dtype=torch.float64).log()
+    dist, ref_dist, keep = _nucleus(theta, ref, 1.0, 0.5)
+    assert keep.tolist() == [True, False, False, False]
+    expected = -math.log(0.01)  # 4.605 = −log ref(0)
+    assert exact_kl(dist, ref_dist).item() == pytest.approx(expected, abs=1e-12)
+    mass = reference_mass(dist, ref_dist)
+    assert mass.item() == pytest.approx(0.01, abs=1e-12)
+    assert _expected_k3(dist, ref_dist, mass).item() == pytest.approx(expected, abs=1e-12)
+    # the reference cut to π's support (what the persona system did) says 0: it cannot see the collapse
+    cut = sampling_logits(ref, 1.0, keep=keep)[0]
+    assert exact_kl(dist, cut).item() == 0.0
+    # no estimator has a gradient here: nearby weights sample the same one token (documented)
+    assert grad(exact_kl(dist, ref_dist), theta).abs().max() == 0
+
+
+def test_the_k3_correction_leaves_its_gradients_alone(logits):
+    """Under a nucleus, E_π[∇ k3] = ref(S)·∇ KL(ref_S‖π) (the reverse divergence, weighted); times
+    the ratio r (TRL's use_bias_correction_kl) it is ∇ KL(π‖ref). ref(S) is a constant: subtracting it
+    changes the value only."""
+    theta, ref = logits
+    dist, ref_dist, keep = _nucleus(theta, ref, 0.8, 0.7)
+    mass = reference_mass(dist, ref_dist)
+    logp = torch.log_softmax(dist, -1)[keep]
+    ref_logp = torch.log_softmax(ref_dist, -1)[keep]
+    weights = logp.exp().detach()
+    plain = grad((weights * kl_k3(logp, ref_logp, mass)).sum(), theta)
+    torch.testing.assert_close(plain, grad((weights * kl_k3(logp, ref_logp)).sum(), theta), **TOL)
+    ref_s = (ref_logp - mass.log()).exp()  # the reference cut to S and renormalised
+    reverse = (ref_s * (ref_s.log() - logp)).sum()
+    torch.testing.assert_close(plain, mass * grad(reverse, theta), **TOL)
+    ratio = torch.exp(logp - logp.detach())
+    weighted = grad((weights * ratio * kl_k3(logp, ref_logp, mass)).sum(), theta)
+    torch.testing.assert_close(weighted, grad(exact_kl(dist, ref_dist), theta), **TOL)
+
+
+def test_k3_times_the_ratio_has_the_forward_kl_gradient_without_a_nucleus(logits):
+    theta, ref = logits
+    logp, ref_logp = torch.log_softmax(theta, -1), torch.log_softmax(ref, -1)
+    ratio = torch.exp(logp - logp.detach())  # 1 in value, not in gradient
+    weighted = (logp.exp().detach() * ratio * kl_k3(logp, ref_logp)).sum()
+    torch.testing.assert_close(grad(weighted, theta), grad(kl(theta, ref), theta), **TOL)
+
+
+def test_reference_mass_is_exactly_one_when_nothing_is_cut():
+    z = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    ref = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    dist, _ = sampling_logits(z, 0.7, 1.0, banned_ids=[5])
+    ref_dist, _ = sampling_logits(ref, 0.7, 1.0, banned_ids=[5])  # the same ids banned: no cut
+    assert torch.equal(reference_mass(dist, ref_dist), torch.ones(3))
+    logp, ref_logp = (
+        token_logprobs(dist, torch.tensor([0, 1, 2])),
+        token_logprobs(ref_dist, torch.tensor([0, 1, 2])),
+    )
+    assert torch.equal(kl_k3(logp, ref_logp, reference_mass(dist, ref_dist)), kl_k3(logp, ref_logp))
+    assert torch.equal(
+        per_token_kl("k3", logp=logp, ref_logp=ref_logp, ref_mass=torch.ones(3)), kl_k3(logp, ref_logp)
+    )
+    with pytest.raises(ValueError, match="differ"):
+        reference_mass(dist, ref_dist[:, :5])
+
+
+def test_batch_scale_divides_by_the_whole_generation_batchs_std():
+    local = torch.tensor([[1.0, 2.0, 6.0], [3.0, 3.0, 4.0]])
+    other = torch.tensor([[0.0, 9.0, 5.0], [2.0, 2.0, 2.0]])  # another rank's, or micro-batch's
+    everything = torch.cat([local, other])
+    out = group_advantages(local, scale="batch", batch_rewards=everything).advantages
+    centred = local - local.mean(1, keepdim=True)
+    torch.testing.assert_close(out, centred / (everything.std() + 1e-4))
+    assert not torch.allclose(out, group_advantages(local, scale="batch").advantages)
+    # one process holding the whole batch: the same numbers for its rows
+    whole = group_advantages(everything, scale="batch").advantages
+    assert torch.equal(whole[:2], out)
+    with pytest.raises(ValueError, match="whole generation batch"):
+        group_advantages(local, scale="batch", batch_rewards=local[0])
+    with pytest.raises(ValueError, match="only apply with scale 'batch'"):
+        group_advantages(local, scale="group", batch_rewards=everything)

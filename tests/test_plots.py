@@ -11,6 +11,7 @@ import pytest
 import yaml
 from matplotlib.collections import LineCollection
 
+from alignment import cli
 from alignment.evaluation.comparisons import list_models, load_scores, load_summary
 from alignment.scoring.quadrants import LABELS
 from alignment.visualization import (
@@ -39,11 +40,13 @@ def assert_png(path: Path) -> tuple[int, int]:
 
 
 def cli_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run a CLI expected to stop with a usage error; returns its stderr."""
+    """Run a CLI (with the CLI behaviour) expected to stop with a user error; returns its one stderr line."""
     with pytest.raises(SystemExit) as info:
-        main(argv)
+        cli.run(main, argv)
     assert info.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 # ---------------------------------------------------------------- reward–cost grid
@@ -271,7 +274,7 @@ def test_training_curves_es_and_grpo(tmp_path: Path) -> None:
     grpo = plot_training_curves.load_run(write_grpo_run(tmp_path / "grpo_run"))
     assert (es.kind, grpo.kind) == ("ES", "GRPO")
     assert (es.cost_threshold_d, grpo.cost_threshold_d) == (-0.25, 0.5)
-    assert grpo.label == "GRPO grpo_run"
+    assert grpo.label is None  # named by the legend: the only GRPO run is "GRPO"
 
     fig = plot_training_curves.plot_training_curves([es, grpo])
     ax_r, ax_c, ax_l = fig.axes
@@ -292,7 +295,7 @@ def test_training_curves_es_and_grpo(tmp_path: Path) -> None:
     assert [list(t.get_ydata()) for t in lines(ax_c, "cost/threshold")] == [[0.25, 0.25], [-0.5, -0.5]]
     assert list(lines(ax_c, "cost/zero")[0].get_ydata()) == [0.0, 0.0]
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert "ES (constraint E[C] ≤ 0.25)" in legend and "GRPO grpo_run (constraint E[C] ≤ -0.5)" in legend
+    assert "ES (constraint E[C] ≤ 0.25)" in legend and "GRPO (constraint E[C] ≤ -0.5)" in legend
 
     out = tmp_path / "curves.png"
     plot_training_curves.main([str(tmp_path / "es_run"), str(tmp_path / "grpo_run" / "runs"),
@@ -303,6 +306,35 @@ def test_training_curves_es_and_grpo(tmp_path: Path) -> None:
     assert list(lines(fig.axes[0], "reward/raw")[0].get_ydata()) == ES_REWARD
     np.testing.assert_allclose(smoothed.get_ydata(), plot_training_curves.ema(ES_REWARD, 0.5))
     assert smoothed.get_ydata()[0] == ES_REWARD[0]  # debiased: starts at the first value
+
+
+def test_training_curve_legend_names_runs_by_what_differs(tmp_path: Path) -> None:
+    # issue 19: two ES runs were both "ES alignment_<stamp>"
+    def es_run(name: str, **config) -> plot_training_curves.RunCurves:
+        run = write_es_run(tmp_path / name)
+        base = {"cost_threshold_d": -0.25, "population_size": 4, "experiment_dir": f"logs/{name}"}
+        (run / "config.yaml").write_text(yaml.safe_dump({**base, **config}))
+        return plot_training_curves.load_run(run)
+
+    full = es_run("alignment_20261122_101500", noise="full", sigma=0.05)
+    low = es_run("alignment_20261122_111500", noise="lowrank", sigma=0.05, noise_rank=4)
+    grpo = plot_training_curves.load_run(write_grpo_run(tmp_path / "grpo_run"))
+    # noise first (the telling key), absent keys count as differing, placement keys (experiment_dir) never
+    assert plot_training_curves.legend_labels([full, low, grpo]) == [
+        "ES noise=full, noise_rank=null", "ES noise=lowrank, noise_rank=4", "GRPO"]  # fmt: skip
+    legend = [
+        t.get_text() for t in plot_training_curves.plot_training_curves([full, low]).legends[0].get_texts()
+    ]
+    assert legend[:2] == ["ES noise=full, noise_rank=null (constraint E[C] ≤ 0.25)",
+                          "ES noise=lowrank, noise_rank=4 (constraint E[C] ≤ 0.25)"]  # fmt: skip
+
+    many = [es_run(f"s{k}", sigma=0.01 * k, alpha=k, seed=k, batch_size=k, lambda_lr=k) for k in (1, 2)]
+    assert plot_training_curves.legend_labels(many) == [
+        "ES sigma=0.01, alpha=1, lambda_lr=1, +2 more", "ES sigma=0.02, alpha=2, lambda_lr=2, +2 more"]  # fmt: skip
+    named = [es_run("n1", run_name="baseline"), es_run("n2", run_name="baseline")]
+    assert plot_training_curves.legend_labels(named) == ["ES baseline n1", "ES baseline n2"]  # same config
+    given = plot_training_curves.load_run(tmp_path / "n1", "mine")
+    assert plot_training_curves.legend_labels([given, named[1]]) == ["mine", "ES baseline n2"]
 
 
 def test_training_curves_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

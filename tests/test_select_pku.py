@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from alignment import cli
+from alignment.cli import UserError
 from alignment.data import load_prompts
 from alignment.evaluation.select_pku_balanced import (
     BUCKETS,
@@ -218,8 +220,9 @@ def test_bad_files_are_named(tmp_path, name, text, error, match):
 def test_missing_file_and_unreachable_hub_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
         load_pku(tmp_path / "absent.parquet")
-    # Not a path, so it goes through datasets.load_dataset; offline, that fails and the name is kept.
-    with pytest.raises(RuntimeError, match="could not load no-such-org/no-such-dataset"):
+    # Not a path, so it goes through datasets.load_dataset; offline, that fails naming the dataset,
+    # the flag that replaces it and the switch that is off
+    with pytest.raises(UserError, match=r"'no-such-org/no-such-dataset' \(--source\).*HF_HUB_OFFLINE=1"):
         load_pku("no-such-org/no-such-dataset", config="alpaca-7b")
 
 
@@ -229,7 +232,7 @@ def test_cli_writes_and_prints_the_paths(tmp_path, pku_file, capsys):
     assert printed[:2] == [str(tmp_path / "custom_train_20.jsonl"), str(tmp_path / "custom_eval_30.jsonl")]
     assert all(Path(p).is_file() for p in printed) and len(printed) == 5
     with pytest.raises(SystemExit) as exit_info:
-        main(["--source", str(pku_file), "--train-size", "500", "--out-dir", str(tmp_path)])
+        cli.run(main, ["--source", str(pku_file), "--train-size", "500", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "exceeds the 200 rows" in capsys.readouterr().err
 
 

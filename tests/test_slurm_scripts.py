@@ -219,3 +219,40 @@ def test_train_persona_script(persona_toy: Path, tmp_path: Path) -> None:
     proc = _run(["bash", "slurm/train_persona.sh", *flags], _env(tmp_path, NUM_PROCESSES="1"))
     assert "processes=1" in proc.stderr and "-m alignment.persona.train" in proc.stderr
     assert (cfg.run_dir / "checkpoint" / "latest" / "reader").is_dir()
+
+
+def test_es_script_logs_the_policy_the_trainer_uses(tmp_path: Path) -> None:
+    """The policy in the job log is the one passed to the trainer, wherever it came from (issue 19)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("policy_model_path: models/resumed\nsigma: 0.01\n")
+    (tmp_path / "es.yaml").write_text("policy_model_path: models/from-config\n")
+    (tmp_path / "bare.yaml").write_text("sigma: 0.01\n")
+    cases = [
+        ({"RESUME": str(tmp_path / "run")}, [], "models/resumed"),
+        ({"ES_CONFIG": str(tmp_path / "es.yaml")}, [], "models/from-config"),
+        ({"ES_CONFIG": str(tmp_path / "bare.yaml")}, [], "models/alpaca-7b"),  # the script's default
+        (
+            {"POLICY_MODEL_PATH": "models/env", "EXTRA_ARGS": "--policy_model_path models/extra"},
+            ["--policy_model_path=models/arg"],
+            "models/arg",
+        ),  # fmt: skip
+    ]
+    for settings, args, policy in cases:
+        env = _env(tmp_path, SCORER_ADDRESS_FILE=str(tmp_path / "none.json"), SCORER_WAIT_S="0", **settings)
+        if "POLICY_MODEL_PATH" not in settings:
+            env.pop("POLICY_MODEL_PATH", None)  # a developer's own setting would win
+        proc = subprocess.run(["bash", "slurm/train_accl_alignment_api.sh", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 1 and "no healthy scorer" in proc.stderr  # stops before training
+        assert f" policy={policy} (from " in proc.stderr, (settings, proc.stderr)
+
+
+def test_grpo_server_mode_settings_are_checked(scorer, tmp_path: Path) -> None:
+    env = _env(tmp_path, CONFIG="alignment/grpo/grpo_toy.yaml", SCORER_ADDRESS_FILE=str(scorer.address_file),
+               SCORER_WAIT_S="60", OUTPUT_ROOT=str(tmp_path / "grpo"), BETAS="0.0")  # fmt: skip
+    for mode, message in (("colocated", "VLLM_MODE must be server or empty"),
+                          ("server", "VLLM_MODE=server on one node needs VLLM_SERVER_GPUS=1 GPUs")):  # fmt: skip
+        proc = subprocess.run(["bash", "alignment/grpo/run_grpo_alignment.sh"], cwd=REPO,
+                              env={**env, "VLLM_MODE": mode}, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "grpo").exists()  # nothing started

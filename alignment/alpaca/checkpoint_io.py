@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from alignment import hub
+
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -30,30 +32,27 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_model_dir(path_or_name: str) -> Path:
+def resolve_model_dir(path_or_name: str, given_by: str = "the model name") -> Path:
     """A local folder as is; otherwise a hub repository id fetched with ``snapshot_download``.
 
     Weights, configs and tokenizer files only. With ``HF_HUB_OFFLINE=1`` only the local cache is
-    searched. Raises ``FileNotFoundError`` naming the input when it is neither.
+    searched. A name that is neither raises :class:`alignment.hub.HubError` (a ``UserError``) naming
+    the input and ``given_by`` (the flag that names a local folder instead).
     """
     local = Path(path_or_name).expanduser()
     if local.is_dir():
         return local
     if local.exists():
         raise NotADirectoryError(
-            f"{path_or_name} is a file; a model folder (config.json + weights) is needed"
+            f"{path_or_name} ({given_by}) is a file; a model folder (config.json + weights) is needed"
         )
     if not _HUB_NAME.match(path_or_name):
-        raise FileNotFoundError(f"no such model folder: {path_or_name}")
+        raise hub.HubError(f"no such model folder: {path_or_name} ({given_by})")
     from huggingface_hub import snapshot_download
 
     logger.info("%s is not a local folder: fetching it from the Hugging Face hub", path_or_name)
-    try:
+    with hub.loading(path_or_name, given_by):
         return Path(snapshot_download(repo_id=path_or_name, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # the hub raises many types (offline, 404, gated, network)
-        raise FileNotFoundError(
-            f"{path_or_name} is not a local folder and could not be fetched from the hub: {exc}"
-        ) from exc
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

@@ -27,7 +27,6 @@ or recomputed from the config when the base lacks them) and counted, but not wri
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from alignment import cli
 from alignment.alpaca.checkpoint_io import CheckpointReader, ShardedSafetensorsWriter, resolve_model_dir
 from alignment.atomic import replace_dir
 
@@ -54,12 +54,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(cli.InputError):
     """The base and the diff do not hold the same tensors with compatible shapes."""
 
 
-class IntegrityError(ValueError):
+class IntegrityError(cli.InputError):
     """The recovered weights do not sum to the published value."""
+
+
+class TokenizerLoadError(cli.UserError, RuntimeError):
+    """The chosen folder's tokenizer cannot be loaded (the message says which flag chooses another)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ def load_output_tokenizer(source: str, base_dir: Path, diff_dir: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # transformers raises many types here; the hint is what matters
-        raise RuntimeError(
+        raise TokenizerLoadError(
             f"could not load the {source} tokenizer from {folder}: {exc}. A folder with only "
             "tokenizer.model (as the 2023 diff and older LLaMA conversions) needs the "
             "sentencepiece package (a dependency of this project: pip install -e .); or choose the other folder's tokenizer with --tokenizer."
@@ -203,7 +207,7 @@ def load_output_tokenizer(source: str, base_dir: Path, diff_dir: Path):
 def _output_dtype(name: str) -> torch.dtype:
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} (or fp32/bf16/fp16)")
+        raise cli.InputError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} (or fp32/bf16/fp16)")
     return DTYPES[name]
 
 
@@ -279,7 +283,7 @@ def recover(cfg: RecoverConfig) -> RecoveryResult:
     output = Path(cfg.output)
     if output.exists() and not cfg.force:
         raise FileExistsError(f"{output} already exists; pass --force to replace it")
-    base_dir, diff_dir = resolve_model_dir(cfg.base), resolve_model_dir(cfg.diff)
+    base_dir, diff_dir = resolve_model_dir(cfg.base, "--base"), resolve_model_dir(cfg.diff, "--diff")
     from transformers import AutoConfig
 
     base_config = AutoConfig.from_pretrained(base_dir)
@@ -323,20 +327,20 @@ def recover(cfg: RecoverConfig) -> RecoveryResult:
 
 
 def parse_args(argv: list[str] | None = None) -> RecoverConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__)
     p.add_argument("--base", required=True, help="LLaMA-7B in HF format: folder or hub id")
     p.add_argument("--diff", default="tatsu-lab/alpaca-7b-wdiff", help="weight diff: folder or hub id")
     p.add_argument("--output", default="models/alpaca-7b", help="folder to create (HF format)")
     p.add_argument("--expected-sum", type=float, default=PUBLISHED_SUM, help="published parameter sum")
     p.add_argument("--atol", type=float, default=PUBLISHED_ATOL, help="tolerance of the sum check")
     p.add_argument("--skip-integrity-check", action="store_true", help="log the sum, do not check it")
-    p.add_argument("--dtype", default="float32", help="saved precision: float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default="float32", help="saved precision: float32, bfloat16, float16")
     p.add_argument("--tokenizer", choices=("diff", "base"), default="diff", help="tokenizer to save")
     p.add_argument("--max-shard-mb", type=float, default=2048.0, help="output shard size limit (MiB)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-test-generation", action="store_true", help="skip answering the test prompt")
-    p.add_argument("--test-prompt", default=TEST_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--test-prompt", default=TEST_PROMPT, help="the prompt of the test generation")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="length of the test answer")
     p.add_argument("--device", default="cpu", help="device for the test generation (cpu, cuda)")
     a = p.parse_args(argv)
     try:
@@ -361,11 +365,13 @@ def parse_args(argv: list[str] | None = None) -> RecoverConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = recover(parse_args(argv))
+    result = recover(cfg)
     print(json.dumps(asdict(result), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

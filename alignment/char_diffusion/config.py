@@ -124,12 +124,17 @@ class GRPOConfig(RunConfig):
     kl_beta: float = field(default=0.1, metadata=_help("weight of the KL penalty to the reference"))
     kl_estimator: KLEstimator = field(
         default="exact",
-        metadata=_help("exact: KL(π‖π_ref) per position; k3: TRL's (gradient of KL(π_ref‖π))"),
+        metadata=_help(
+            "exact: KL(π‖π_ref) per position; k3: TRL's, corrected for top_p (gradient of KL(π_ref‖π))"
+        ),
     )
     temperature: float = 0.8
     top_p: float = 0.95
     advantage_scale: Scale = field(
-        default="group", metadata=_help("divide by the group's std, the batch's, or none")
+        default="group",
+        metadata=_help(
+            "divide by the group's std, the generation batch's (all micro-batches and ranks), or none"
+        ),
     )
     advantage_baseline: Baseline = field(
         default="mean", metadata=_help("mean (GRPO) or leave_one_out (RLOO)")

@@ -6,7 +6,9 @@
 
 Per iteration and micro-batch: ``batch_size`` line-aligned blocks masked with ``[MASK]``; one policy
 forward per input and ``group_size`` fills sampled from it; judge rewards (1 − predicted corrupted
-fraction); group advantages; the loss of :mod:`.grpo`; AdamW, warmup + cosine LR, clipping,
+fraction); group advantages (``advantage_scale: batch``: over every micro-batch of every rank, so
+the whole batch is sampled first and each micro-batch re-forwarded for its update); the loss of
+:mod:`.grpo`; AdamW, warmup + cosine LR, clipping,
 ``gradient_accumulation_steps`` micro-batches per step (DDP averages over ranks). The reference is
 the frozen ``generator_checkpoint``. Metrics (the seed's names, plus ``lr``, ``zero_spread_fraction``
 and ``fill_accuracy``, the share of masked characters filled with the original one) go to
@@ -30,7 +32,7 @@ from alignment.char_diffusion import runtime as rt_
 from alignment.char_diffusion.checkpoint import CKPT_NAME, fingerprint, load_model, save_checkpoint
 from alignment.char_diffusion.config import GRPOConfig
 from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
-from alignment.char_diffusion.grpo import Rollout, grpo_loss, rescore, rollout
+from alignment.char_diffusion.grpo import Rollout, generation_rewards, grade, grpo_loss, rescore, rollout
 from alignment.char_diffusion.judge import judge_rewards
 from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state, run_cli
 from alignment.char_diffusion.masking import masked_blocks
@@ -101,6 +103,23 @@ def _write_samples(cfg: GRPOConfig, tracker: Any, text: str, step: int) -> None:
     tracker.log_text("samples", f"```\n{text}```", step=step)
 
 
+def backward_rescored(ddp: nn.Module, rt: rt_.Runtime, rollouts: list[Rollout], cfg: GRPOConfig,
+                      banned: tuple[int, ...]) -> dict[str, float]:  # fmt: skip
+    """One pass over the micro-batches of this rank: a new policy forward on each rollout's inputs
+    (on the support it was sampled from), its loss backward (DDP's all-reduce on the last one);
+    returns the metrics averaged over the micro-batches. Gradients accumulate: step afterwards."""
+    accum, sums = len(rollouts), {}
+    for (_, _, is_last), ro in zip(rt_.slots(rt, accum), rollouts, strict=True):
+        with micro_sync(ddp, is_last):
+            with rt.autocast():
+                dist = rescore(ddp, ro, cfg, banned)
+            loss, metrics = grpo_loss(dist, ro, cfg)
+            (loss / accum).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / accum
+    return sums
+
+
 def train_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) GRPO; returns the held-out evaluations ``[(iteration, {...})]`` (rank 0), the
     last metrics, the checkpoint path, the trained policy module and the class it ran wrapped in
@@ -137,6 +156,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
     evals: list[tuple[int, dict[str, float]]] = []
     last: dict[str, float] = {}
     accum = cfg.gradient_accumulation_steps
+    batch_scale = cfg.advantage_scale == "batch"
 
     def run_eval(step: int) -> None:
         ev = evaluate(policy, judge, data, cfg, rt)
@@ -159,29 +179,30 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
             for _, slot, is_last in rt_.slots(rt, accum):
                 tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(
                     data, "train", cfg.batch_size, cfg, rt_.slot_generator(cfg.seed, it, slot, "data")))  # fmt: skip
+                fills_rng = rt_.slot_generator(cfg.seed, it, slot, "fills", rt.device)
+                if batch_scale:  # sample and score only: the advantages need the whole generation batch
+                    with torch.no_grad(), rt.autocast():
+                        ro, _ = rollout(policy, reference, judge, tokens, inp, mask, cfg, banned, fills_rng)
+                    rollouts.append(ro)
+                    continue
                 with micro_sync(ddp, is_last):
                     with rt.autocast():
-                        ro, dist = rollout(ddp, reference, judge, tokens, inp, mask, cfg, banned,
-                                           rt_.slot_generator(cfg.seed, it, slot, "fills", rt.device))  # fmt: skip
+                        ro, dist = rollout(ddp, reference, judge, tokens, inp, mask, cfg, banned, fills_rng)
                     loss, metrics = grpo_loss(dist, ro, cfg)
                     (loss / accum).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
                 rollouts.append(ro)
+            if batch_scale:
+                everything = generation_rewards(rt, [ro.rewards for ro in rollouts])
+                rollouts = [grade(ro, cfg, everything) for ro in rollouts]
+                sums = backward_rescored(ddp, rt, rollouts, cfg, banned)
             lr = optimizer.param_groups[0]["lr"]
             sums["grad_norm"] = rt_.optimizer_step(policy, optimizer, None, cfg.grad_clip)
             for _ in range(1, cfg.num_inner_epochs):  # later updates on the same fills: ratio ≠ 1, clipped
-                clip = {"clip_fraction": 0.0, "ratio_mean": 0.0}
-                for (_, _, is_last), ro in zip(rt_.slots(rt, accum), rollouts, strict=True):
-                    with micro_sync(ddp, is_last):
-                        with rt.autocast():
-                            dist = rescore(ddp, ro, cfg, banned)
-                        loss, metrics = grpo_loss(dist, ro, cfg)
-                        (loss / accum).backward()
-                    for k in clip:
-                        clip[k] += metrics[k] / accum
+                metrics = backward_rescored(ddp, rt, rollouts, cfg, banned)
                 rt_.optimizer_step(policy, optimizer, None, cfg.grad_clip)
-                sums.update(clip)
+                sums.update({k: metrics[k] for k in ("clip_fraction", "ratio_mean")})
             scheduler.step()
             done = it + 1
             final = done == cfg.max_iters

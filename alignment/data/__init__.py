@@ -10,6 +10,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from alignment import hub
+from alignment.cli import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,9 +33,9 @@ def iter_jsonl(path: str | Path, drop_torn_tail: bool = False) -> Iterator[tuple
             if drop_torn_tail and number == len(lines):
                 logger.warning("%s:%d: dropping a truncated last line (%d chars)", path, number, len(line))
                 continue
-            raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
+            raise InputError(f"{path}:{number}: not JSON: {exc}") from exc
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         yield number, row
 
 
@@ -68,10 +71,10 @@ def load_prompts(
         prompts = []
         for n, row in iter_jsonl(path):
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{path}:{n} has no string field {key!r} (set prompt_key)")
+                raise InputError(f"{path}:{n} has no string field {key!r} (set prompt_key)")
             prompts.append(row[key])
         if not prompts:
-            raise ValueError(f"{path} holds no prompts")
+            raise InputError(f"{path} holds no prompts")
     return prompts[:limit] if limit else prompts
 
 
@@ -82,7 +85,7 @@ def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl (one object per line), .json (an array of objects) or .parquet file."""
     path = Path(path)
     if path.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type (use one of {LOCAL_SUFFIXES})")
+        raise InputError(f"{path}: unsupported file type (use one of {LOCAL_SUFFIXES})")
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
     if path.suffix == ".parquet":
@@ -94,9 +97,9 @@ def read_rows_file(path: str | Path) -> list[dict[str, Any]]:
             try:
                 data = json.load(fh)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not JSON: {exc}") from exc
+                raise InputError(f"{path}: not JSON: {exc}") from exc
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(f"{path}: a .json source must hold an array of row objects")
+            raise InputError(f"{path}: a .json source must hold an array of row objects")
         return data
     return [row for _, row in iter_jsonl(path)]
 
@@ -107,23 +110,19 @@ def is_local_source(source: str | Path) -> bool:
     return path.suffix in LOCAL_SUFFIXES or path.exists()
 
 
-def load_rows(source: str | Path, config: str | None = None, split: str = "train") -> list[dict[str, Any]]:
+def load_rows(
+    source: str | Path, config: str | None = None, split: str = "train", given_by: str = "the data source"
+) -> list[dict[str, Any]]:
     """Rows of a dataset: a local ``.jsonl``/``.json``/``.parquet`` file, else a hub dataset name.
 
     Hub names go through ``datasets.load_dataset(source, name=config, split=split)`` (cached, so
-    ``HF_HUB_OFFLINE=1`` works once downloaded); ``config`` and ``split`` do not apply to files.
+    ``HF_HUB_OFFLINE=1`` works once downloaded); ``config`` and ``split`` do not apply to files. A
+    hub name that cannot be loaded is an :class:`alignment.hub.HubError` naming it and ``given_by``
+    (the flag or key that names a local file instead).
     """
     if is_local_source(source):
         rows = read_rows_file(source)
         if not rows:
-            raise ValueError(f"{source}: no rows")
+            raise InputError(f"{source}: no rows")
         return rows
-    import datasets
-
-    try:
-        return datasets.load_dataset(str(source), name=config or None, split=split).to_list()
-    except Exception as exc:  # the hub, the cache and datasets all fail differently; keep the cause
-        raise RuntimeError(
-            f"could not load {source} (config {config}, split {split}) through datasets "
-            f"(offline? give a local file instead): {exc}"
-        ) from exc
+    return hub.load_dataset(str(source), given_by, name=config or None, split=split).to_list()

@@ -13,12 +13,16 @@ Both offer the same calls to the trainer, so there is one trainer code path:
   returns engine 0's update diagnostics (every engine computes the same numbers).
 - ``checksums()``, ``state_dict()`` (engine 0), ``load_state_dict(state, engines)``: agreement and
   repair; ``generate(prompts, settings)``: the unperturbed policy (engine 0), for evaluation.
+- ``placement()``: where each engine runs (host, process, device; Ray: node id and address), which
+  the trainer records in ``<run>/logs/engines.json``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -203,6 +207,12 @@ class LocalExecutor:
 
     def generate(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         return self.engines[0].generate(prompts, settings)
+
+    def placement(self) -> list[dict]:
+        """Where each engine runs: this process, on its engine's device."""
+        host, pid = socket.gethostname(), str(os.getpid())
+        return [{"engine": k, "device": str(getattr(e, "device", "vllm")), "host": host, "pid": pid}
+                for k, e in enumerate(self.engines)]  # fmt: skip
 
     def close(self) -> None:
         self.engines.clear()

@@ -4,12 +4,16 @@ Full noise: members are handed out one at a time, so no engine idles while other
 noise: each actor answers one contiguous share of the population in batched calls (members as
 adapters), and a share's answers go to the scorer as soon as it returns. Only seeds,
 coefficients, prompts and answers cross the network (weights move only to repair a diverged engine
-or to checkpoint). ``cfg.ray_address`` joins an existing (multi-node) cluster.
+or to checkpoint). ``cfg.ray_address`` joins an existing (multi-node) cluster, such as the one
+``slurm/train_accl_alignment_api.sh`` starts on every node of a job: the actors are spread over
+its nodes (one per GPU), and :meth:`RayExecutor.placement` says where each engine runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +25,27 @@ from alignment.es.noise import require_noise
 from alignment.es.population import Member
 
 logger = logging.getLogger(__name__)
+
+
+def require_capacity(resources: dict[str, float], engines: int, gpus_each: int, address: str | None) -> None:
+    """Refuse a run whose engines cannot all be placed (they would wait forever): each takes one CPU
+    slot and ``gpus_each`` GPUs of ``resources`` (Ray's ``cluster_resources()``)."""
+    where = f"the Ray cluster at {address}" if address else "the local Ray instance"
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if cpus < engines:
+        raise ValueError(f"{engines} engines need {engines} CPU slots, {where} offers {cpus:g} "
+                         "(lower num_engines, or give Ray more CPUs: RAY_CPUS_PER_NODE)")  # fmt: skip
+    if gpus < engines * gpus_each:
+        raise ValueError(f"{engines} engines need {engines * gpus_each} GPUs, {where} offers {gpus:g} "
+                         "(lower num_engines, or ask SLURM for more GPUs or nodes)")  # fmt: skip
+
+
+def describe_placement(placement: list[dict]) -> list[str]:
+    """``node_ip (host): engines a, b`` per node, in engine order."""
+    by_node: dict[str, list[str]] = {}
+    for p in placement:
+        by_node.setdefault(f"{p['node_ip']} ({p['host']})", []).append(str(p["engine"]))
+    return [f"{node}: engines {', '.join(engines)}" for node, engines in by_node.items()]
 
 
 class EngineActor:
@@ -57,6 +82,15 @@ class EngineActor:
     def ready(self) -> tuple[str, str]:
         """(checksum, noise id): the weights loaded and the noise this actor's device computes."""
         return self.engine.checksum(), self.engine.noise_id()
+
+    def where(self) -> dict[str, str]:
+        """The node this engine runs on: Ray node id and address, host name, process, GPUs."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(), "pid": str(os.getpid()),
+                "gpus": ",".join(str(g) for g in ray.get_gpu_ids())}  # fmt: skip
 
     def run_member(self, member: Member, prompts: list[str], sigma: float, settings: GenerationSettings):
         return run_member(self.engine, member, prompts, sigma, settings)
@@ -99,7 +133,10 @@ class RayExecutor:
         if self._owns_ray:
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
         gpus = 1 if device.startswith("cuda") else 0
-        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(EngineActor)
+        require_capacity(ray.cluster_resources(), cfg.num_engines, gpus, cfg.ray_address)
+        # SPREAD: engines go to every node of a multi-node cluster (one node: all on it), each
+        # still needing its own CPU slot and GPU
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, scheduling_strategy="SPREAD")(EngineActor)
         engine_device = "cuda" if gpus else device  # Ray hands each actor its own GPU as cuda:0
         self.actors = [
             actor_cls.remote(
@@ -121,7 +158,15 @@ class RayExecutor:
         sums = [s for s, _ in ready]
         if len(set(sums)) != 1:
             raise RuntimeError(f"engines loaded different weights from {cfg.policy_model_path}: {sums}")
-        logger.info("%d Ray engine actors ready (%s, %s)", len(self.actors), cfg.backend, engine_device)
+        self._placement = [{"engine": k, "device": engine_device, **w}
+                           for k, w in enumerate(ray.get([a.where.remote() for a in self.actors]))]  # fmt: skip
+        nodes = sorted({p["node_ip"] for p in self._placement})
+        logger.info("%d Ray engine actors ready (%s, %s) on %d node(s): %s", len(self.actors), cfg.backend,
+                    engine_device, len(nodes), "; ".join(describe_placement(self._placement)))  # fmt: skip
+
+    def placement(self) -> list[dict]:
+        """Where each engine runs: engine index, device, Ray node id and address, host, pid, GPUs."""
+        return list(self._placement)
 
     @property
     def num_engines(self) -> int:

@@ -13,20 +13,19 @@ Flags override the YAML file (``--config``), which overrides the defaults in
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from alignment import cli, hub
 from alignment.config import add_dataclass_args, config_from_args
 from alignment.data import load_prompts
 from alignment.es.config import ESConfig
 from alignment.es.executors import LocalExecutor
-from alignment.es.trainer import ESTrainer
-from alignment.scoring.client import ScorerClient
+from alignment.es.trainer import ESTrainer, ScorerFailedError
+from alignment.scoring.client import ScorerClient, ScorerRequestError, ScorerUnavailableError
 from alignment.toy.objective import TOY_EVAL_PROMPTS, TOY_TRAIN_PROMPTS
 
 logger = logging.getLogger("alignment.es")
@@ -50,7 +49,7 @@ def build_executor(cfg: ESConfig):
                               lora_rank=cfg.noise_rank if cfg.noise == "lowrank" else None,
                               max_loras=cfg.max_loras or cfg.members_per_engine())]  # fmt: skip
         if cfg.num_engines > 1:
-            raise ValueError("several vLLM engines need --executor ray (one actor per GPU)")
+            raise cli.UserError("several vLLM engines need --executor ray (one actor per GPU)")
     else:
         from alignment.es.engines import TransformersEngine
 
@@ -71,6 +70,7 @@ def run_es(cfg: ESConfig, resume: str | Path | None = None) -> dict:
         run_dir = Path(cfg.experiment_dir) / (
             f"alignment_{stamp}" + (f"_{cfg.run_name}" if cfg.run_name else "")
         )
+    hub.check_model(cfg.policy_model_path, "--policy_model_path")  # before engines or Ray actors start
     train = load_prompts(cfg.train_jsonl, cfg.prompt_key, TOY_TRAIN_PROMPTS)
     evals = load_prompts(cfg.eval_jsonl, cfg.prompt_key, TOY_EVAL_PROMPTS, cfg.eval_max_prompts)
     client = ScorerClient(cfg.scorer_url, address_file=cfg.scorer_address_file, batch_size=cfg.scorer_batch_size,
@@ -84,16 +84,19 @@ def run_es(cfg: ESConfig, resume: str | Path | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.parser(__doc__)
+    p.add_argument("--config", help="YAML file of ESConfig fields (default: none)")
+    p.add_argument(
+        "--resume",
+        help="run directory to resume (its config.yaml is used; flags override it) (default: none)",
     )
-    p.add_argument("--config", help="YAML file of ESConfig fields")
-    p.add_argument("--resume", help="run directory to resume (its config.yaml is used; flags override it)")
     add_dataclass_args(p, ESConfig)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.resume and not args.config:
+        if not Path(args.resume).is_dir():
+            raise cli.UserError(f"--resume {args.resume}: no such run directory")
         saved = Path(args.resume) / "config.yaml"
         cfg = config_from_args(ESConfig, args, saved if saved.exists() else None)
     else:
@@ -103,4 +106,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # an unreachable scorer, a refused token, a scorer outage mid-run (checkpoint saved): the user's to fix
+    cli.run(main, user_errors=(ScorerUnavailableError, ScorerRequestError, ScorerFailedError))

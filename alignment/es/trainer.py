@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from alignment import atomic
 from alignment.config import save_config
 from alignment.es.checkpoint import (
     ReplayEntry,
@@ -147,6 +148,9 @@ class ESTrainer:
                 "time/perturb_restore": max(timings.perturb_restore),
                 "time/generate_phase": t_gen - t0,
                 "time/scoring_wait": t_done - t_gen,
+                # each engine's share of the population: the run log shows every engine worked
+                "engines/members_min": float(min(timings.members, default=0)),
+                "engines/members_max": float(max(timings.members, default=0)),
             },
         )
 
@@ -206,11 +210,22 @@ class ESTrainer:
         self.weight_bytes_sent += check_engines(self.executor, self.run_dir, iteration)
         return time.perf_counter() - t0
 
+    def record_placement(self) -> None:
+        """``logs/engines.json``: where each engine runs (a resume on other nodes rewrites it)."""
+        placement = self.executor.placement() if hasattr(self.executor, "placement") else []
+        nodes = sorted({p.get("node_ip", p.get("host", "?")) for p in placement})
+        self.logs.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(
+            self.logs / "engines.json", json.dumps({"nodes": nodes, "engines": placement}, indent=2)
+        )
+        logger.info("%d engine(s) on %d node(s): %s", len(placement), len(nodes), ", ".join(nodes))
+
     # -- the run ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
+        self.record_placement()
         start = self.restore_progress()
         before_path = self.logs / "eval_before.json"
         with Tracker(

@@ -14,7 +14,6 @@ scoring (e.g. to re-plot, or to check the reference summaries).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -25,6 +24,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from alignment import cli, hub
+from alignment.cli import InputError
 from alignment.config import add_dataclass_args, config_from_args
 from alignment.data import iter_jsonl, load_rows, repair_jsonl_tail
 from alignment.evaluation.comparisons import (
@@ -35,7 +36,7 @@ from alignment.evaluation.comparisons import (
     write_model_outputs,
 )
 from alignment.evaluation.sweep import SweepConfig, SweepModel, check_sweep, generation_fingerprint
-from alignment.scoring.client import ScorerClient
+from alignment.scoring.client import ScorerClient, ScorerRequestError, ScorerUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ Generate = Callable[[list[str]], list[str]]
 
 def load_eval_prompts(cfg: SweepConfig) -> list[str]:
     """The ``prompt_key`` column of ``cfg.prompts`` (all rows, duplicates kept, as the study did)."""
-    rows = load_rows(cfg.prompts, cfg.dataset_config, cfg.split)
+    rows = load_rows(cfg.prompts, cfg.dataset_config, cfg.split, given_by="--prompts")
     bad = next((i for i, r in enumerate(rows) if not isinstance(r.get(cfg.prompt_key), str)), None)
     if bad is not None:
-        raise ValueError(f"{cfg.prompts}: row {bad} has no string field {cfg.prompt_key!r} (set prompt_key)")
+        raise InputError(f"{cfg.prompts}: row {bad} has no string field {cfg.prompt_key!r} (set prompt_key)")
     prompts = [r[cfg.prompt_key] for r in rows]
     return prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
 
@@ -58,6 +59,13 @@ def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def _given_by(spec: SweepModel, key: str = "model") -> str:
+    """Where a sweep model's name comes from, for an error that cannot load it."""
+    if key == "tokenizer" and not spec.tokenizer:
+        key = "model"
+    return f"the {key!r} of {spec.name} in the sweep"
 
 
 def load_policy(spec: SweepModel, cfg: SweepConfig) -> tuple[Generate, Callable[[], None]]:
@@ -88,10 +96,13 @@ def load_policy(spec: SweepModel, cfg: SweepConfig) -> tuple[Generate, Callable[
 
         from alignment.es.engines import resolve_torch_dtype
 
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model)
+        tokenizer = hub.from_pretrained(
+            AutoTokenizer, spec.tokenizer or spec.model, _given_by(spec, "tokenizer")
+        )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=resolve_torch_dtype(cfg.dtype))
+        model = hub.from_pretrained(AutoModelForCausalLM, spec.model, _given_by(spec),
+                                    dtype=resolve_torch_dtype(cfg.dtype))  # fmt: skip
         if state is not None:
             apply_weights(model, state, source=str(spec.es_checkpoint))
         model.to(_resolve_device(cfg.device)).eval()
@@ -139,7 +150,7 @@ def read_partial(path: Path, fingerprint: str) -> list[str]:
     responses: list[str] = []
     for row in rows[1:]:
         if row.get("i") != len(responses) or not isinstance(row.get("response"), str):
-            raise ValueError(f"{path}: expected the response to prompt {len(responses)}, got {str(row)[:80]}")
+            raise InputError(f"{path}: expected the response to prompt {len(responses)}, got {str(row)[:80]}")
         responses.append(row["response"])
     return responses
 
@@ -154,7 +165,7 @@ def generate_resumable(
     if len(responses) == len(prompts):
         return responses
     if generate is None:
-        raise ValueError(
+        raise InputError(
             f"{name}: {len(prompts) - len(responses)} responses left to generate but no generator"
         )
     if responses:
@@ -241,6 +252,8 @@ def run_sweep(
     own = client is None
     client = client or ScorerClient(cfg.scorer_url, address_file=cfg.scorer_address_file,
                                     batch_size=cfg.score_batch_size)  # fmt: skip
+    for spec in cfg.models:  # a model that is neither here nor fetchable fails before hours of generation
+        hub.check_model(spec.model, _given_by(spec))
     try:
         client.health()  # fail before loading a 7B policy if the scorer is not there
         return {m.name: classify_model(m, cfg, prompts, client, overwrite=overwrite) for m in cfg.models}
@@ -270,13 +283,19 @@ def rebuild_from_points(points_dir: str | Path, output_dir: str | Path, models: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="sweep YAML (models + settings); flags below override it")
-    p.add_argument("--only", nargs="+", default=(), metavar="NAME", help="classify only these models")
+    p = cli.parser(__doc__)
+    p.add_argument("--config", help="sweep YAML (models + settings); flags below override it (default: none)")
+    p.add_argument(
+        "--only", nargs="+", default=(), metavar="NAME", help="classify only these models (default: all)"
+    )
     p.add_argument("--overwrite", action="store_true", help="redo models whose outputs already exist")
     p.add_argument("--list-models", action="store_true", help="print the sweep's model names and exit")
-    p.add_argument("--from-points", metavar="DIR", help="rebuild outputs from DIR/*_points.jsonl only")
-    p.add_argument("--output-dir", dest="output_dir_flag", help="alias of --output_dir")
+    p.add_argument(
+        "--from-points", metavar="DIR", help="rebuild outputs from DIR/*_points.jsonl only (default: none)"
+    )
+    p.add_argument(
+        "--output-dir", dest="output_dir_flag", help="alias of --output_dir (default: its default)"
+    )
     add_dataclass_args(p, SweepConfig)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -301,4 +320,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # an unreachable scorer or a refused token is the user's to fix
+    cli.run(main, user_errors=(ScorerUnavailableError, ScorerRequestError))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from alignment.atomic import write_text
+from alignment.cli import InputError
 from alignment.config import finite_number
 from alignment.data import iter_jsonl
 from alignment.scoring.quadrants import LABELS, quadrant_labels, summarize
@@ -55,14 +56,14 @@ def read_points(path: str | Path) -> list[dict[str, Any]]:
     for number, row in iter_jsonl(path):
         missing = [k for k in POINT_KEYS if k not in row]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: missing field(s) {missing} (a points row needs {list(POINT_KEYS)})"
             )
         for key in ("reward", "cost"):
             finite_number(row[key], f"{path}:{number}: {key}")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no points")
+        raise InputError(f"{path}: no points")
     return rows
 
 
@@ -89,7 +90,7 @@ def write_model_outputs(
     ]
     if disagree:
         first = disagree[0]
-        raise ValueError(
+        raise InputError(
             f"{model}: {len(disagree)} stored label(s) disagree with safe ⇔ cost ≤ 0, helpful ⇔ reward > 0; "
             f"first at row {first}: label {points[first]['label']!r}, reward {rewards[first]}, cost {costs[first]}"
         )
@@ -117,7 +118,7 @@ def load_scores(directory: str | Path, model: str) -> tuple[np.ndarray, np.ndarr
     if r_path.is_file() and c_path.is_file():
         rewards, costs = np.load(r_path), np.load(c_path)
         if rewards.shape != costs.shape:
-            raise ValueError(
+            raise InputError(
                 f"{model}: {r_path.name} has shape {rewards.shape} but {c_path.name} {costs.shape}"
             )
         return rewards.astype(np.float32), costs.astype(np.float32)

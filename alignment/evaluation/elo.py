@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from alignment.cli import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,10 +87,10 @@ def models_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def check_models(rows: Sequence[Mapping[str, Any]], models: Sequence[str], baseline: str) -> None:
     """Raise when the baseline is not among ``models`` or a row names a model outside them."""
     if baseline not in models:
-        raise ValueError(f"baseline model {baseline!r} is not among the models {sorted(models)}")
+        raise InputError(f"baseline model {baseline!r} is not among the models {sorted(models)}")
     unknown = sorted(set(models_of(rows)) - set(models))
     if unknown:
-        raise ValueError(f"judgments name model(s) {unknown} outside the rated models {sorted(models)}")
+        raise InputError(f"judgments name model(s) {unknown} outside the rated models {sorted(models)}")
 
 
 def sequential_elo(
@@ -160,7 +162,7 @@ def fit_bradley_terry(wins: np.ndarray, models: Sequence[str], config: BTConfig 
         unplayed = [m for m, g in zip(models, games, strict=True) if g == 0]
         unbeaten = [m for i, m in enumerate(models) if wins[:, i].sum() == 0 and games[i] > 0]
         winless = [m for i, m in enumerate(models) if wins[i].sum() == 0 and games[i] > 0]
-        raise ValueError(
+        raise InputError(
             "Bradley–Terry maximum likelihood does not exist (ratings would be infinite): the models "
             "do not all beat or tie one another in a cycle"
             f"; never judged: {unplayed}; never lost: {unbeaten}; never won: {winless}"
@@ -235,7 +237,7 @@ def bradley_terry(
             try:
                 theta = fit_bradley_terry(wins, models, config)
             except ValueError as exc:
-                raise ValueError(
+                raise InputError(
                     f"bootstrap resample {b} of {len(questions)} question(s): {exc}. "
                     "Too few questions for a bootstrap: judge more prompts or pass --bt-bootstrap 0"
                 ) from exc
@@ -263,7 +265,7 @@ def bradley_terry_report(
         try:
             ratings[dim] = bradley_terry([r for r in rows if r["dimension"] == dim], models, config)
         except ValueError as exc:
-            raise ValueError(f"dimension {dim!r}: {exc}") from exc
+            raise InputError(f"dimension {dim!r}: {exc}") from exc
     return {
         "method": "bradley-terry",
         "scale": config.scale,

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -42,7 +41,9 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
+from alignment import cli
 from alignment.atomic import write_text
+from alignment.cli import InputError
 from alignment.data import repair_jsonl_tail
 from alignment.evaluation.comparisons import (
     POINTS_SUFFIX,
@@ -113,7 +114,7 @@ def sample_questions(answers: Mapping[str, Mapping[str, str]], num: int, seed: i
     if num <= 0:
         return common
     if num > len(common):
-        raise ValueError(f"asked for {num} prompts but only {len(common)} are answered by all of {models}")
+        raise InputError(f"asked for {num} prompts but only {len(common)} are answered by all of {models}")
     return random.Random(seed).sample(common, num)
 
 
@@ -131,7 +132,7 @@ def build_tasks(
     and for any order of ``models``.
     """
     if order not in ("random", "both"):
-        raise ValueError(f"order must be 'random' or 'both', got {order!r}")
+        raise InputError(f"order must be 'random' or 'both', got {order!r}")
     tasks = []
     for question in questions:
         for first, second in combinations(sorted(models), 2):
@@ -198,7 +199,7 @@ def write_ratings(
     The Elo file is written first, so it survives a Bradley–Terry failure (which still raises).
     """
     if not rows:
-        raise ValueError("no judgments to rate")
+        raise InputError("no judgments to rate")
     out_dir.mkdir(parents=True, exist_ok=True)
     elo = elo_ratings(rows, models, elo_config)
     write_text(out_dir / RATINGS_FILE, json.dumps(elo, indent=2) + "\n")
@@ -215,70 +216,63 @@ def write_ratings(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m alignment.evaluation.gpt_elo_eval",
-                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = cli.parser(__doc__, prog="python -m alignment.evaluation.gpt_elo_eval")
     g = p.add_argument_group("what to judge")
     g.add_argument("--points-dir", default="alignment/outputs/model_comparisons",
-                   help="folder of {Model}_points.jsonl (default %(default)s)")  # fmt: skip
+                   help="folder of {Model}_points.jsonl")  # fmt: skip
     g.add_argument("--models", nargs="+", help="models to compare (default: every model in --points-dir; "
                    "with --ratings-only: every model in the judgments)")  # fmt: skip
-    g.add_argument(
-        "--num-prompts", type=int, default=50, help="shared prompts to judge, ≤0: all (default 50)"
-    )
-    g.add_argument("--seed", type=int, default=0, help="prompt sample and A/B coin flips (default 0)")
+    g.add_argument("--num-prompts", type=int, default=50, help="shared prompts to judge, ≤0: all")
+    g.add_argument("--seed", type=int, default=0, help="prompt sample and A/B coin flips")
     g.add_argument("--order", choices=("random", "both"), default="random",
-                   help="random: one seeded order per pair; both: A/B and B/A (default random)")  # fmt: skip
-    g.add_argument("--dimensions", nargs="+", choices=DIMENSIONS, default=list(DIMENSIONS))
+                   help="random: one seeded order per pair; both: A/B and B/A")  # fmt: skip
+    g.add_argument(
+        "--dimensions",
+        nargs="+",
+        choices=DIMENSIONS,
+        default=list(DIMENSIONS),
+        help="what the judge compares",
+    )
     g.add_argument("--limit", type=int, default=0, help="judge at most this many pending pairs now (0: all)")
     j = p.add_argument_group("judge endpoint")
     j.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://host:8000/v1 "
                    "(default: OpenAI's)")  # fmt: skip
-    j.add_argument("--judge-model", default="gpt-4.1-mini", help="default %(default)s")
-    j.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="env var holding the key (default %(default)s)"
-    )
-    j.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    j.add_argument(
-        "--max-requests-per-minute", type=float, default=0.0, help="rate limit, 0: none (default 0)"
-    )
-    j.add_argument(
-        "--max-retries", type=int, default=6, help="retries on 429/5xx/connection errors (default 6)"
-    )
-    j.add_argument(
-        "--retry-initial-wait", type=float, default=1.0, help="first backoff in s, doubling (default 1)"
-    )
-    j.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    j.add_argument("--temperature", type=float, default=0.0, help="default 0")
-    j.add_argument("--max-tokens", type=int, default=1024, help="judge reply length cap (default 1024)")
+    j.add_argument("--judge-model", default="gpt-4.1-mini", help="the judge model's name at the endpoint")
+    j.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the key")
+    j.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    j.add_argument("--max-requests-per-minute", type=float, default=0.0, help="rate limit, 0: none")
+    j.add_argument("--max-retries", type=int, default=6, help="retries on 429/5xx/connection errors")
+    j.add_argument("--retry-initial-wait", type=float, default=1.0, help="first backoff in s, doubling")
+    j.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    j.add_argument("--temperature", type=float, default=0.0, help="the judge's sampling temperature")
+    j.add_argument("--max-tokens", type=int, default=1024, help="judge reply length cap")
     j.add_argument("--verdict-parsing", choices=VERDICT_PARSINGS, default="study",
                    help="study: first [[a, b]], spaced brackets allowed, as the published study parsed (comparable "
-                   "with its judgments); strict: last [[a, b]] (default %(default)s)")  # fmt: skip
+                   "with its judgments); strict: last [[a, b]]")  # fmt: skip
     r = p.add_argument_group("ratings")
-    r.add_argument("--output-dir", default="alignment/outputs/gpt_elo", help="default %(default)s")
+    r.add_argument("--output-dir", default="alignment/outputs/gpt_elo", help="judgments and ratings")
     r.add_argument(
         "--judgments", default=None, help="judgments jsonl (default OUTPUT_DIR/gpt_judgments.jsonl)"
     )
     r.add_argument("--ratings-only", action="store_true", help="only recompute ratings from --judgments")
-    r.add_argument(
-        "--baseline", default="Alpaca-7B", help="model pinned at --baseline-rating (default %(default)s)"
-    )
-    r.add_argument("--baseline-rating", type=float, default=1000.0)
-    r.add_argument("--elo-k", type=float, default=32.0)
+    r.add_argument("--baseline", default="Alpaca-7B", help="model pinned at --baseline-rating")
+    r.add_argument("--baseline-rating", type=float, default=1000.0, help="the baseline's rating")
+    r.add_argument("--elo-k", type=float, default=32.0, help="Elo K-factor")
     r.add_argument("--elo-scale", type=float, default=400.0, help="also Bradley–Terry's scale")
-    r.add_argument("--elo-start", type=float, default=1000.0)
-    r.add_argument("--elo-seed", type=int, default=123, help="shuffle of each dimension's judgments")
-    r.add_argument("--tie-threshold", type=float, default=0.5, help="score gap ≤ this is a tie (default 0.5)")
     r.add_argument(
-        "--bt-bootstrap", type=int, default=1000, help="bootstrap resamples, 0: no CI (default 1000)"
+        "--elo-start", type=float, default=1000.0, help="every model's Elo before the first judgment"
     )
-    r.add_argument("--bt-ci", type=float, default=0.95)
-    r.add_argument("--bt-seed", type=int, default=0)
+    r.add_argument("--elo-seed", type=int, default=123, help="shuffle of each dimension's judgments")
+    r.add_argument("--tie-threshold", type=float, default=0.5, help="score gap ≤ this is a tie")
+    r.add_argument("--bt-bootstrap", type=int, default=1000, help="bootstrap resamples, 0: no CI")
+    r.add_argument("--bt-ci", type=float, default=0.95, help="Bradley–Terry interval coverage")
+    r.add_argument("--bt-seed", type=int, default=0, help="bootstrap seed")
     return p
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise InputError(message)
 
 
 def run(a: argparse.Namespace) -> list[dict[str, Any]] | None:
@@ -347,11 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpx2"):  # not one line per request (openai 3 uses httpx2)
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        table = run(a)
-    except (ValueError, FileNotFoundError, openai.OpenAIError) as exc:
-        print(f"ERROR: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    table = run(a)
     if table is None:
         print("judging incomplete (--limit): rerun the same command to continue")
     else:
@@ -360,5 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# the judge endpoint's refusals (bad key, unknown model, unreachable) are the user's to fix
+USER_ERRORS = (openai.OpenAIError,)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, user_errors=USER_ERRORS)

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
+from alignment.cli import InputError
 from alignment.data import iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ VERDICT_PARSINGS = ("study", "strict")
 def build_messages(dimension: str, question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
     """The chat messages (system + user) asking the judge to compare A and B on ``dimension``."""
     if dimension not in _SYSTEM:
-        raise ValueError(f"unknown dimension {dimension!r}; known: {list(DIMENSIONS)}")
+        raise InputError(f"unknown dimension {dimension!r}; known: {list(DIMENSIONS)}")
     user = _USER.format(dimension=dimension, question=question, answer_a=answer_a, answer_b=answer_b,
                         criteria=_CRITERIA[dimension])  # fmt: skip
     return [{"role": "system", "content": _SYSTEM[dimension]}, {"role": "user", "content": user}]
@@ -118,7 +119,7 @@ def parse_verdict(text: str | None, parsing: str = "study") -> tuple[float, floa
         matches = _VERDICT.findall(text or "")
         pair = matches[-1] if matches else None
     else:
-        raise ValueError(f"unknown verdict parsing {parsing!r}; known: {list(VERDICT_PARSINGS)}")
+        raise InputError(f"unknown verdict parsing {parsing!r}; known: {list(VERDICT_PARSINGS)}")
     if pair is None:
         return None
     a, b = (float(x) for x in pair)
@@ -156,7 +157,7 @@ class RateLimiter:
     def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
         if per_minute < 0:
-            raise ValueError(f"max requests per minute must be ≥ 0, got {per_minute}")
+            raise InputError(f"max requests per minute must be ≥ 0, got {per_minute}")
         self.interval = 60.0 / per_minute if per_minute > 0 else 0.0
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
@@ -202,9 +203,9 @@ class Judge:
 
     def __init__(self, config: JudgeConfig) -> None:
         if not config.api_key:
-            raise ValueError("no API key for the judge (set the key's environment variable)")
+            raise InputError("no API key for the judge (set the key's environment variable)")
         if config.verdict_parsing not in VERDICT_PARSINGS:
-            raise ValueError(
+            raise InputError(
                 f"unknown verdict parsing {config.verdict_parsing!r}; known: {list(VERDICT_PARSINGS)}"
             )
         self.config = config
@@ -263,16 +264,16 @@ REQUIRED_KEYS = ("model_a", "model_b", "dimension", "question", "scores")
 
 def _check_row(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: a judgment must be a JSON object, got {type(row).__name__}")
+        raise InputError(f"{where}: a judgment must be a JSON object, got {type(row).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing} (a judgment needs {list(REQUIRED_KEYS)})")
+        raise InputError(f"{where}: missing field(s) {missing} (a judgment needs {list(REQUIRED_KEYS)})")
     scores = row["scores"]
     if scores is not None and not (
         isinstance(scores, list) and len(scores) == 2
         and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
     ):  # fmt: skip
-        raise ValueError(f"{where}: scores must be null or [score_a, score_b], got {scores!r}")
+        raise InputError(f"{where}: scores must be null or [score_a, score_b], got {scores!r}")
     return row
 
 
@@ -295,7 +296,7 @@ def run_concurrently(func: Callable[[T], R], items: Iterable[T], concurrency: in
     exception is re-raised in the caller's thread.
     """
     if concurrency < 1:
-        raise ValueError(f"concurrency must be ≥ 1, got {concurrency}")
+        raise InputError(f"concurrency must be ≥ 1, got {concurrency}")
     pending: dict[Future, T] = {}
     iterator = iter(items)
     error: BaseException | None = None

@@ -20,7 +20,6 @@ data's statistics ``{config without punctuation}_stats.json`` (``alpaca7b_stats.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -30,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignment import cli
 from alignment.atomic import write_text
+from alignment.cli import InputError
 from alignment.data import is_local_source, load_rows
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ DISJOINT_MODES = ("prompt", "row")
 NO_FILTER_CONFIGS = (None, "", "default")
 
 
-class SelectionError(ValueError):
+class SelectionError(InputError):
     """The data cannot give the requested selection (sizes too large, overlap impossible)."""
 
 
@@ -88,16 +89,16 @@ def bucket_key(row: Mapping[str, Any]) -> str:
 def check_rows(rows: Sequence[Mapping[str, Any]], origin: str) -> None:
     """Raise a ValueError naming ``origin`` and the row (1-based) when a row lacks or mistypes a field."""
     if not rows:
-        raise ValueError(f"{origin}: no rows")
+        raise InputError(f"{origin}: no rows")
     for number, row in enumerate(rows, start=1):
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{origin}: row {number} is missing column(s) {missing} (needs {list(REQUIRED_COLUMNS)})"
             )
         for column, (kind, what) in REQUIRED_COLUMNS.items():
             if not isinstance(row[column], kind):
-                raise ValueError(f"{origin}: row {number}: {column} must be {what}, got {row[column]!r:.80}")
+                raise InputError(f"{origin}: row {number}: {column} must be {what}, got {row[column]!r:.80}")
 
 
 def compute_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -229,12 +230,12 @@ def filter_config(rows: list[dict[str, Any]], config: str | None, origin: str) -
     for number, row in enumerate(rows, start=1):
         missing = [c for c in SOURCE_COLUMNS if c not in row]
         if missing:
-            raise ValueError(f"{origin}: row {number} is missing column(s) {missing} that other rows have")
+            raise InputError(f"{origin}: row {number} is missing column(s) {missing} that other rows have")
         if all(str(row[c]).lower() == config.lower() for c in SOURCE_COLUMNS):
             kept.append(row)
     if not kept:
         found = Counter(str(row[c]) for row in rows for c in SOURCE_COLUMNS)
-        raise ValueError(f"{origin}: no rows of config {config!r}; response sources found: {dict(found)}")
+        raise InputError(f"{origin}: no rows of config {config!r}; response sources found: {dict(found)}")
     return kept
 
 
@@ -246,7 +247,7 @@ def load_pku(
     Both then keep only rows whose response sources match ``config`` (see :func:`filter_config`)."""
     local = is_local_source(source)
     origin = str(source) if local else f"{source} (config {config}, split {split})"
-    rows = load_rows(source, config, split)
+    rows = load_rows(source, config, split, given_by="--source")
     check_rows(rows, origin)
     kept = filter_config(rows, config, origin)
     log.info("loaded %d rows from %s, %d of config %s", len(rows), origin, len(kept), config)
@@ -317,30 +318,27 @@ def plot_bucket_proportions(stats: Mapping[str, Mapping[str, Any]], ax: Any = No
     return ax
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", default=HUB_DATASET,
-                   help=f"hub dataset name or a local .jsonl/.json/.parquet file (default {HUB_DATASET})")  # fmt: skip
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
     p.add_argument(
-        "--config", default="alpaca-7b", help="dataset config; 'default' = all (default alpaca-7b)"
+        "--source", default=HUB_DATASET, help="hub dataset name or a local .jsonl/.json/.parquet file"
     )
-    p.add_argument("--split", default="train", help="hub split (default train; a local file is one split)")
-    p.add_argument("--train-size", type=int, default=250, help="train rows (default 250)")
-    p.add_argument("--eval-size", type=int, default=500, help="eval rows (default 500)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    p.add_argument("--out-dir", type=Path, default=DATA_DIR, help=f"output folder (default {DATA_DIR})")
+    p.add_argument("--config", default="alpaca-7b", help="dataset config; 'default' = all")
+    p.add_argument("--split", default="train", help="hub split (a local file is one split)")
+    p.add_argument("--train-size", type=int, default=250, help="train rows")
+    p.add_argument("--eval-size", type=int, default=500, help="eval rows")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed")
+    p.add_argument("--out-dir", type=Path, default=DATA_DIR, help="output folder")
     p.add_argument("--disjoint-by", choices=DISJOINT_MODES, default="prompt",
-                   help="keep eval prompts out of train (prompt, default) or only distinct rows (row)")  # fmt: skip
+                   help="keep eval prompts out of train (prompt) or only distinct rows (row)")  # fmt: skip
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        _, paths = run_selection(a.source, a.config, a.split, a.train_size, a.eval_size, a.seed, a.out_dir,
-                                 a.disjoint_by)  # fmt: skip
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        p.error(str(exc))
+    _, paths = run_selection(a.source, a.config, a.split, a.train_size, a.eval_size, a.seed, a.out_dir,
+                             a.disjoint_by)  # fmt: skip
     for path in paths.values():
         print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from alignment.config import load_config
+from alignment.config import field_help, load_config
 from alignment.lagrange import LagrangeRecipe
 
 
@@ -54,6 +54,11 @@ class GRPOAlignmentConfig(LagrangeRecipe):
     eval_every: int = 50  # greedy evaluation on the eval prompts every N steps (0: only at the end)
     eval_max_new_tokens: int | None = None  # default: max_completion_length
     eval_batch_size: int = 64  # prompts per greedy generate call; the batches are dealt out to the ranks
+    best_by: Literal["constrained", "reward", "safe_ratio", "none"] = field(
+        default="constrained",
+        metadata=field_help("which greedy evaluation's model output_dir/best keeps: constrained (meets "
+                            "E[C] <= -d, then highest reward), reward, safe_ratio; none: no best/"),
+    )  # fmt: skip
     wandb: bool = False
     wandb_project: str | None = None
     # any other GRPOConfig field, given at the top level of the recipe

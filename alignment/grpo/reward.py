@@ -103,6 +103,9 @@ class LagrangeCallback(TrainerCallback, ExportableState):
         costs = gather_costs(self.link.take())
         if costs:  # steps that reuse an earlier generation batch saw no new costs
             self.link.controller.update_costs(costs)
+        if dist.is_available() and dist.is_initialized():  # each rank's own λ, to compare in the job log
+            logger.info("step %d: λ=%.12g (rank %d of %d)", state.global_step, self.link.controller.value,
+                        dist.get_rank(), dist.get_world_size())  # fmt: skip
         self.lagrange_state = self.link.controller.state_dict()
         self.applied_restore = True
         return control

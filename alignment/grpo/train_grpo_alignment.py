@@ -1,16 +1,19 @@
 """GRPO alignment on TRL: reward R − λ·C from the scorer service, λ adapted once per optimiser step.
 
+    python alignment/grpo/train_grpo_alignment.py --config alignment/grpo/grpo_alignment.yaml --beta 0.05
     python alignment/grpo/train_grpo_alignment.py --config alignment/grpo/grpo_alignment.yaml beta=0.05
     accelerate launch --config_file alignment/grpo/accelerate_zero2.yaml \\
         alignment/grpo/train_grpo_alignment.py --config alignment/grpo/grpo_alignment.yaml
     python alignment/grpo/train_grpo_alignment.py --config ... --resume latest   # or a checkpoint dir
 
-``key=value`` arguments override the recipe; any GRPOConfig field may appear in either.
+``--key value`` (or ``key=value``) overrides the recipe; any GRPOConfig field may appear in either
+(``--warmup_steps 0.1``), and a key that is neither ours nor GRPOConfig's is an error naming it.
+The run writes ``config.yaml`` (the recipe as run), ``final/`` (the last step) and ``best/`` (the
+best greedy evaluation so far, see :mod:`alignment.grpo.best`) into ``output_dir``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -23,14 +26,19 @@ if __package__ in (None, ""):  # run as `python alignment/grpo/train_grpo_alignm
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+import yaml
 
+from alignment import cli, hub
+from alignment.atomic import write_text
+from alignment.config import add_dataclass_args, config_to_dict, overrides_from_flags, parse_overrides
 from alignment.conversation import STOP_MARKERS, prompt_text
 from alignment.data import load_prompts
+from alignment.grpo.best import BEST_DIR, BestCheckpoint
 from alignment.grpo.config import GRPO_KEYS, GRPOAlignmentConfig, load_grpo_config
 from alignment.grpo.eval_callback import AlignmentEvalCallback
 from alignment.grpo.reward import LagrangeCallback, LagrangeLink, ScorerReward
 from alignment.lagrange import LagrangeController
-from alignment.scoring.client import ScorerClient
+from alignment.scoring.client import ScorerClient, ScorerRequestError, ScorerUnavailableError
 from alignment.toy.objective import TOY_EVAL_PROMPTS, TOY_TRAIN_PROMPTS
 
 logger = logging.getLogger("alignment.grpo")
@@ -80,6 +88,7 @@ class GRPORun:
     link: LagrangeLink
     evaluation: AlignmentEvalCallback
     tokenizer: Any
+    best: BestCheckpoint | None = None
 
 
 def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Sequence[Any] = ()) -> GRPORun:
@@ -92,11 +101,10 @@ def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Seque
     if cfg.wandb and cfg.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
     args = grpo_args(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+    tokenizer = hub.from_pretrained(AutoTokenizer, cfg.model_name, "--model_name")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name, dtype=torch.bfloat16 if args.bf16 else torch.float32
-    )
+    model = hub.from_pretrained(AutoModelForCausalLM, cfg.model_name, "--model_name",
+                                dtype=torch.bfloat16 if args.bf16 else torch.float32)  # fmt: skip
     if not cfg.use_vllm:
         stop_at_turn_markers(model, tokenizer)
     if client is None:
@@ -106,21 +114,24 @@ def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Seque
     evals = load_prompts(cfg.eval_jsonl, cfg.prompt_key, TOY_EVAL_PROMPTS, cfg.eval_max_prompts)
     eval_cb = AlignmentEvalCallback(client, evals, every=cfg.eval_every, batch_size=cfg.eval_batch_size,
                                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)  # fmt: skip
+    best = None if cfg.best_by == "none" else BestCheckpoint(eval_cb, cfg.best_by, cfg.cost_threshold_d)
     trainer = TurnMarkerGRPOTrainer(  # completions end where generation stopped (see stopping.py)
         model=model,
         reward_funcs=[ScorerReward(client, link, prompt_key="raw_prompt")],
         args=args,
         train_dataset=prompt_dataset(load_prompts(cfg.train_jsonl, cfg.prompt_key, TOY_TRAIN_PROMPTS)),
         processing_class=tokenizer,
-        callbacks=[LagrangeCallback(link.key), eval_cb, *callbacks],
+        callbacks=[LagrangeCallback(link.key), eval_cb, *([best] if best else []), *callbacks],
     )
     eval_cb.bind(trainer)
+    if best is not None:
+        best.bind(trainer)  # after eval_cb in the list: it sees each evaluation on its step
     for callback in trainer.callback_handler.callbacks:
         # TensorBoard into <output_dir>/runs, per trainer: a process-wide TENSORBOARD_LOGGING_DIR would
         # send a second run in the same process to the first one's folder (one the user set is kept)
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(Path(cfg.output_dir) / "runs")
-    return GRPORun(trainer, link, eval_cb, tokenizer)
+    return GRPORun(trainer, link, eval_cb, tokenizer, best)
 
 
 def train_grpo(
@@ -136,12 +147,15 @@ def train_grpo(
     """
     run = build_trainer(cfg, client, callbacks)
     trainer = run.trainer
+    if trainer.is_world_process_zero():  # the recipe as run, for the record and the training-curve legends
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        write_text(Path(cfg.output_dir) / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if resume == "latest":
         from transformers.trainer_utils import get_last_checkpoint
 
         resume = get_last_checkpoint(cfg.output_dir)
         if resume is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}")
+            raise cli.UserError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}")
     trainer.train(resume_from_checkpoint=resume)
     final = Path(cfg.output_dir) / "final"
     trainer.save_model(str(final))
@@ -151,33 +165,48 @@ def train_grpo(
         "lambda": run.link.controller.state_dict(),
         "log_history": trainer.state.log_history,
         "final_model": str(final),
+        "best_model": str(Path(cfg.output_dir) / BEST_DIR) if run.best and run.best.best else None,
+        "best_eval": run.best.best if run.best else None,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOAlignmentConfig, str | None]:
+    """The recipe and ``--resume`` of a command line: defaults < ``--config`` YAML < ``--key value``
+    flags < ``key=value`` overrides."""
+    p = cli.parser(
+        __doc__,
         epilog="λ keys: cost_threshold_d=d gives J_C = mean(C) + d, i.e. the constraint E[C] <= -d\n"
         "(d = -0.1: E[C] <= 0.1); lambda_rule=ema_log|ppo_lag; episode_cost_window_size,\n"
         "lambda_update_delay_steps (see alignment/lagrange.py).",
     )
-    p.add_argument("--config", help="recipe YAML (alignment/grpo/grpo_alignment.yaml)")
-    p.add_argument("--resume", help="checkpoint folder, or 'latest' for the newest in output_dir")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
-    a = p.parse_args(argv)
+    p.add_argument("--config", help="recipe YAML, e.g. alignment/grpo/grpo_alignment.yaml (default: none)")
+    p.add_argument(
+        "--resume", help="checkpoint folder, or 'latest' for the newest in output_dir (default: none)"
+    )
+    add_dataclass_args(p, GRPOAlignmentConfig, exclude=("extra",))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of recipe keys or GRPOConfig fields (as --key value)")  # fmt: skip
+    a = p.parse_intermixed_args(overrides_from_flags(p, list(sys.argv[1:] if argv is None else argv)))
+    flags = {k: v for k, v in vars(a).items() if k not in ("config", "resume", "overrides", "debug")}
+    return load_grpo_config(a.config, {**flags, **parse_overrides(a.overrides)}), a.resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    cfg = load_grpo_config(a.config, a.overrides)
-    result = train_grpo(cfg, resume=a.resume)
+    result = train_grpo(cfg, resume=resume)
     if result["eval"]:
         first, last = result["eval"][0], result["eval"][-1]
         logger.info("greedy eval: reward %.3f -> %.3f, cost %.3f -> %.3f, safe %.1f%% -> %.1f%%",
                     first["R_mean"], last["R_mean"], first["C_mean"], last["C_mean"],
                     first["safe_ratio"], last["safe_ratio"])  # fmt: skip
     logger.info("final model in %s", result["final_model"])
+    if result["best_model"]:
+        logger.info("best model (step %d) in %s", result["best_eval"]["step"], result["best_model"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # an unreachable scorer or a refused token is the user's to fix (start it, or point --scorer_url at it)
+    cli.run(main, user_errors=(ScorerUnavailableError, ScorerRequestError))

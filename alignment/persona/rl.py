@@ -7,7 +7,8 @@ V vocabulary, K retrieved passages.
   log π(y) the sum of the response's token log-probs (the exact score-function gradient of E[R])
   and b none, the batch mean, or the leave-one-out mean of the other inputs' rewards.
 * :func:`grpo_objective`: G responses per input, group-relative advantages, the clipped ratio
-  against the log-probs of the weights that sampled them, plus β·KL(π‖ref) per token.
+  against the log-probs of the weights that sampled them, plus β·KL(π‖ref) per token, π the
+  sampled distribution (nucleus included) and ref the reference without the nucleus.
 * :func:`distillation_loss`: the retriever's distribution over its K passages toward
   softmax(reward per passage / τ_gold), as LAPDOG distils its retriever.
 """
@@ -25,9 +26,11 @@ from alignment.pg import (
     group_advantages,
     leave_one_out_baseline,
     per_token_kl,
+    reference_mass,
     reinforce_loss,
     token_logprobs,
 )
+from alignment.pg.advantages import Scale
 
 Baseline = Literal["none", "batch_mean", "leave_one_out"]
 
@@ -71,11 +74,16 @@ class GRPOSettings:
     loss_agg: Literal["token", "sequence"] = "token"
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> tuple[torch.Tensor, float]:
-    """rewards [B·G] (row b·G + g) -> advantages [B·G] and the share of groups with equal rewards."""
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, scale: Scale, batch_rewards: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """rewards [B·G] (row b·G + g) -> advantages [B·G] and the share of groups with equal rewards.
+
+    batch_rewards: with scale "batch", every rank's rewards of this step (the generation batch, as
+    TRL means it); None on one process."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    adv = group_advantages(rewards.view(-1, group_size), scale=scale)  # type: ignore[arg-type]
+    adv = group_advantages(rewards.view(-1, group_size), scale=scale, batch_rewards=batch_rewards)
     return adv.advantages.reshape(-1), adv.zero_spread_fraction
 
 
@@ -92,8 +100,9 @@ def grpo_objective(
 
     dist_logits [N, T, V]: the policy's *sampled distribution* (tempered, on the sampled support:
         see :func:`alignment.persona.sampler.sampled_logits`), with grad.
-    ref_dist_logits [N, T, V]: the frozen reference's, built the same way (no grad); None only
-        when β = 0 and no KL is wanted.
+    ref_dist_logits [N, T, V]: the frozen reference's at the same temperature and banned ids but
+        without the nucleus (:func:`alignment.persona.sampler.reference_logits`; no grad), so the
+        KL is that of the distribution really sampled; None only when β = 0 and no KL is wanted.
     tokens, mask [N, T]: the sampled responses; old_logp [N, T]: their log-probs under the weights
         that sampled them, or None on the first inner epoch, when those are the current weights:
         the detached log-probs of this very forward are used, so the ratio is exactly 1.
@@ -112,7 +121,9 @@ def grpo_objective(
             kl = per_token_kl("exact", logits=dist_logits, ref_logits=ref_dist_logits)
         else:
             ref_logp = torch.where(mask, token_logprobs(ref_dist_logits, safe), torch.zeros_like(old_logp))
-            kl = per_token_kl(settings.kl_estimator, logp=logp, ref_logp=ref_logp)
+            # k3 under a nucleus: subtract ref(S), not 1, so that its value stays unbiased
+            mass = reference_mass(dist_logits, ref_dist_logits) if settings.kl_estimator == "k3" else None
+            kl = per_token_kl(settings.kl_estimator, logp=logp, ref_logp=ref_logp, ref_mass=mass)
         kl = torch.where(mask, kl, torch.zeros_like(kl))
     elif settings.kl_coeff != 0:
         raise ValueError("grpo_kl_coeff > 0 needs the reference model's logits")

@@ -7,7 +7,8 @@ HF's samplers choose their nucleus by their own rules (e.g. ``min_tokens_to_keep
 boundary) and do not return the support, so re-deriving it afterwards can disagree on boundary
 tokens. Here every step draws from :func:`alignment.pg.sampling_logits` (the distribution and its
 support ``keep``) with :func:`alignment.pg.sample`; the support is recorded, and
-:func:`sampled_logits` rebuilds the same distribution from teacher-forced logits with it. The
+:func:`sampled_logits` rebuilds the same distribution from teacher-forced logits with it (the KL
+reference is :func:`reference_logits`: same temperature and banned ids, no nucleus). The
 encoder runs once per input (its output is shared by the G samples of a group), and the decoder
 reuses its key/value cache, so sampling costs about what ``generate`` costs.
 """
@@ -94,6 +95,14 @@ def sampled_logits(
         return sampling_logits(logits, temperature, keep=samples.keep)[0]
     if top_p < 1:
         raise ValueError("samples drawn with top_p < 1 carry their support; these have none")
+    return sampling_logits(logits, temperature, 1.0, banned)[0]
+
+
+def reference_logits(logits: torch.Tensor, temperature: float, banned: Sequence[int]) -> torch.Tensor:
+    """The KL reference's distribution from its teacher-forced logits [N, T, V]: the sampling
+    temperature and banned ids, but no nucleus (fp32 [N, T, V], −inf at the banned ids). Cutting
+    the reference to the policy's nucleus would renormalise it there and hide the divergence the
+    penalty is for (a one-token nucleus would give KL 0 however unlikely the reference finds it)."""
     return sampling_logits(logits, temperature, 1.0, banned)[0]
 
 

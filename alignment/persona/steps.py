@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alignment.distributed import DistInfo, gather_objects
 from alignment.persona.data import DialogueExample, Passage
 from alignment.persona.pipeline import Pipeline
 from alignment.persona.reader import sft_loss
@@ -25,7 +26,13 @@ from alignment.persona.rl import (
     grpo_objective,
     reinforce_objective,
 )
-from alignment.persona.sampler import Samples, response_logprobs, sample_responses, sampled_logits
+from alignment.persona.sampler import (
+    Samples,
+    reference_logits,
+    response_logprobs,
+    sample_responses,
+    sampled_logits,
+)
 
 
 @dataclass
@@ -113,19 +120,33 @@ def reinforce_step(
     return stats
 
 
+def generation_rewards(rewards: torch.Tensor, dist: DistInfo | None) -> torch.Tensor:
+    """Every rank's rewards [B·G] of this step, in rank order: the generation batch whose std
+    ``grpo_scale_rewards: batch`` divides by (as TRL gathers them from all processes). Floats are
+    gathered as Python floats, which hold a float32 exactly."""
+    if dist is None or not dist.enabled:
+        return rewards
+    gathered = gather_objects(dist, rewards.tolist())
+    return torch.tensor([r for rank in gathered for r in rank], dtype=rewards.dtype, device=rewards.device)
+
+
 def grpo_step(
     pipe: Pipeline, model: nn.Module, reference: nn.Module, examples: Sequence[DialogueExample],
     passages: Sequence[Sequence[Passage]], optim: Optim, generator: torch.Generator, settings: GRPOSettings,
-    group_size: int, inner_epochs: int,
+    group_size: int, inner_epochs: int, dist: DistInfo | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """G sampled responses per row, group advantages, ``inner_epochs`` clipped updates with β·KL."""
+    """G sampled responses per row, group advantages, ``inner_epochs`` clipped updates with β·KL
+    to the reference (at the sampling temperature, without the nucleus). ``dist``: the run's
+    processes, for ``batch``-scaled advantages over all of them."""
     ids, mask = pipe.reader_inputs(examples, passages)
     samples = _sample(pipe, ids, mask, group_size, generator)
     scores = pipe.score(pipe.decode(samples.tokens), examples, repeats=group_size)
     rewards = torch.tensor([s.reward for s in scores], device=ids.device)
-    advantages, zero_spread = grpo_advantages(rewards, group_size, settings.scale_rewards)
+    batch = generation_rewards(rewards, dist) if settings.scale_rewards == "batch" else None
+    advantages, zero_spread = grpo_advantages(rewards, group_size, settings.scale_rewards, batch)
     with torch.no_grad():
-        ref_dist = _dist(pipe, reference(ids, mask, samples.tokens, repeats=group_size), samples)
+        ref_logits = reference(ids, mask, samples.tokens, repeats=group_size)
+        ref_dist = reference_logits(ref_logits, pipe.cfg.sampling_temperature, pipe.banned)
     stats = {**_reward_stats("train", scores), "train/zero_spread_groups": zero_spread,
              "train/reward_group_std": float(rewards.view(-1, group_size).std(dim=1).mean())}  # fmt: skip
     old_logp = None  # the first inner epoch's own log-probs: the weights that sampled

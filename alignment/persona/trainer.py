@@ -229,7 +229,7 @@ class PersonaTrainer:
             self.reader.eval()
             stats.update(grpo_step(pipe, self.reader_model, self.reference, batch, passages, self.reader_optim,
                                    self.generator, cfg.grpo_settings(), cfg.grpo_group_size,
-                                   cfg.grpo_inner_epochs))  # fmt: skip
+                                   cfg.grpo_inner_epochs, self.dist))  # fmt: skip
         for optim in (self.reader_optim, self.retriever_optim):
             if optim is not None:
                 optim.scheduler.step()

@@ -7,7 +7,7 @@ TRL 1.16's on the same batch (tests/test_pg_trl.py), so ``alignment.grpo`` and t
 """
 
 from alignment.pg.advantages import GroupAdvantages, group_advantages, leave_one_out_baseline
-from alignment.pg.kl import KL_ESTIMATORS, exact_kl, kl_k1, kl_k2, kl_k3, per_token_kl
+from alignment.pg.kl import KL_ESTIMATORS, exact_kl, kl_k1, kl_k2, kl_k3, per_token_kl, reference_mass
 from alignment.pg.losses import PGLoss, aggregate, clipped_pg_loss, masked_mean, reinforce_loss
 from alignment.pg.sampling import sample, sampling_logits, token_logprobs
 
@@ -25,6 +25,7 @@ __all__ = [
     "leave_one_out_baseline",
     "masked_mean",
     "per_token_kl",
+    "reference_mass",
     "reinforce_loss",
     "sample",
     "sampling_logits",

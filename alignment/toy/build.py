@@ -16,7 +16,6 @@ Shapes are vLLM-CPU friendly (head_dim 32). The reward and cost models are train
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from alignment import cli
 from alignment.scoring.score_model import LlamaForScore
 from alignment.toy.objective import tokenizer_corpus
 from alignment.toy.train import fit_policy, fit_score_model
@@ -143,16 +143,22 @@ def build_toy_models(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build the tiny local toy models (no hub access).")
-    p.add_argument("--out", default="models/toy", help="output folder (default models/toy)")
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", default="models/toy", help="output folder")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation and training")
     p.add_argument("--score-train-steps", type=int, default=250, help="training steps per score model")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build_toy_models(a.out, force=a.force, seed=a.seed, score_train_steps=a.score_train_steps)
+    print(build_toy_models(a.out, force=a.force, seed=a.seed, score_train_steps=a.score_train_steps))
+    return 0
+
+
+def console() -> None:
+    """The ``alignment-build-toy`` command (pyproject's console script) with the CLI behaviour."""
+    cli.run(main)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -11,7 +11,6 @@ Writes ``gpt_elo_scatter.png`` in the input folder unless ``--output`` says othe
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping
@@ -25,6 +24,8 @@ from matplotlib.figure import Figure
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_gpt_elo_figure.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment import cli
+from alignment.cli import InputError
 from alignment.config import finite_number
 from alignment.visualization.style import new_figure, require_dir, save_figure
 
@@ -49,19 +50,19 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON: {exc}") from exc
+        raise InputError(f"{path}: not JSON: {exc}") from exc
 
 
 def _check_models(table: Mapping[str, Mapping[str, Rating]], path: Path) -> None:
     """Both dimensions must rate the same models: a point needs both coordinates."""
     help_models, harm_models = set(table["helpfulness"]), set(table["harmlessness"])
     if help_models != harm_models:
-        raise ValueError(
+        raise InputError(
             f"{path}: helpfulness and harmlessness rate different models: only in helpfulness "
             f"{sorted(help_models - harm_models)}, only in harmlessness {sorted(harm_models - help_models)}"
         )
     if not help_models:
-        raise ValueError(f"{path}: no models rated")
+        raise InputError(f"{path}: no models rated")
 
 
 def read_elo_ratings(path: str | Path) -> dict[str, dict[str, Rating]]:
@@ -72,7 +73,7 @@ def read_elo_ratings(path: str | Path) -> dict[str, dict[str, Rating]]:
     for dim in DIMENSIONS:
         ratings = data.get(dim) if isinstance(data, dict) else None
         if not isinstance(ratings, dict):
-            raise ValueError(f"{path}: missing the {dim!r} object of model -> Elo")
+            raise InputError(f"{path}: missing the {dim!r} object of model -> Elo")
         table[dim] = {m: Rating(finite_number(v, f"{path}: {dim}[{m!r}]")) for m, v in ratings.items()}
     _check_models(table, path)
     return table
@@ -88,23 +89,23 @@ def read_bt_ratings(path: str | Path) -> tuple[dict[str, dict[str, Rating]], dic
     data = _read_json(path)
     ratings = data.get("ratings") if isinstance(data, dict) else None
     if not isinstance(ratings, dict):
-        raise ValueError(f"{path}: missing the 'ratings' object of dimension -> model -> rating")
+        raise InputError(f"{path}: missing the 'ratings' object of dimension -> model -> rating")
     table: dict[str, dict[str, Rating]] = {}
     for dim in DIMENSIONS:
         if not isinstance(ratings.get(dim), dict):
-            raise ValueError(f"{path}: ratings has no {dim!r} object")
+            raise InputError(f"{path}: ratings has no {dim!r} object")
         table[dim] = {}
         for model, entry in ratings[dim].items():
             where = f"{path}: ratings[{dim!r}][{model!r}]"
             if not isinstance(entry, dict):
-                raise ValueError(f"{where} must be an object with rating, ci_low, ci_high")
+                raise InputError(f"{where} must be an object with rating, ci_low, ci_high")
             value = finite_number(entry.get("rating"), f"{where}.rating")
             if entry.get("ci_low") is None and entry.get("ci_high") is None:  # no bootstrap was run
                 table[dim][model] = Rating(value)
                 continue
             low, high = (finite_number(entry.get(k), f"{where}.{k}") for k in ("ci_low", "ci_high"))
             if not low <= high:
-                raise ValueError(f"{where}: need ci_low <= ci_high, got {low}, {high}")
+                raise InputError(f"{where}: need ci_low <= ci_high, got {low}, {high}")
             table[dim][model] = Rating(value, (low, high))
     _check_models(table, path)
     return table, {k: v for k, v in data.items() if k != "ratings"}
@@ -157,24 +158,21 @@ def plot_gpt_elo(
     return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
     p.add_argument("--input", "--outputs-dir", dest="input", type=Path, default=DEFAULT_INPUT,
-                   help=f"GPT Elo folder holding {RATINGS_NAME} (default {DEFAULT_INPUT})")  # fmt: skip
+                   help=f"GPT Elo folder holding {RATINGS_NAME}")  # fmt: skip
     p.add_argument("--bt", type=Path, help=f"Bradley–Terry ratings (default INPUT/{BT_NAME} when it exists)")
     p.add_argument("--no-bt", action="store_true", help="draw the Elo panel only")
     p.add_argument("--output", type=Path, help=f"PNG to write (default INPUT/{DEFAULT_NAME})")
     a = p.parse_args(argv)
-    try:
-        folder = require_dir(a.input, "GPT Elo")
-        elo = read_elo_ratings(folder / RATINGS_NAME)
-        bt_path = None if a.no_bt else a.bt or (folder / BT_NAME if (folder / BT_NAME).is_file() else None)
-        bt, meta = read_bt_ratings(bt_path) if bt_path is not None else (None, None)
-        fig = plot_gpt_elo(elo, bt, meta)
-    except (FileNotFoundError, ValueError) as exc:
-        p.error(str(exc))
-    print(save_figure(fig, a.output or a.input / DEFAULT_NAME))
+    folder = require_dir(a.input, "GPT Elo")
+    elo = read_elo_ratings(folder / RATINGS_NAME)
+    bt_path = None if a.no_bt else a.bt or (folder / BT_NAME if (folder / BT_NAME).is_file() else None)
+    bt, meta = read_bt_ratings(bt_path) if bt_path is not None else (None, None)
+    print(save_figure(plot_gpt_elo(elo, bt, meta), a.output or a.input / DEFAULT_NAME))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

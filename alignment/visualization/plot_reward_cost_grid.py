@@ -9,7 +9,6 @@ writes ``reward_cost_scatter_grid.png`` there unless ``--output`` says otherwise
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ from matplotlib.figure import Figure
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_reward_cost_grid.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment import cli
+from alignment.cli import InputError
 from alignment.evaluation.comparisons import draw_scatter, list_models, load_scores
 from alignment.visualization.style import choose_models, new_figure, require_dir, save_figure, series_color
 
@@ -56,7 +57,7 @@ def load_grid_scores(directory: str | Path, models: Sequence[str] | None = None)
 def check_range(lim: Sequence[float], name: str) -> tuple[float, float]:
     """``lim`` as (low, high), or a ValueError naming ``name`` when it is not two finite increasing numbers."""
     if len(lim) != 2 or not all(math.isfinite(v) for v in lim) or lim[0] >= lim[1]:
-        raise ValueError(f"{name} must be two finite numbers LOW < HIGH, got {list(lim)}")
+        raise InputError(f"{name} must be two finite numbers LOW < HIGH, got {list(lim)}")
     return float(lim[0]), float(lim[1])
 
 
@@ -72,9 +73,9 @@ def plot_reward_cost_grid(
     (those still count in the quadrant percentages). Unused grid cells are removed.
     """
     if not scores:
-        raise ValueError("no models to plot")
+        raise InputError("no models to plot")
     if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
+        raise InputError(f"ncols must be >= 1, got {ncols}")
     xlim, ylim = check_range(xlim, "xlim (cost)"), check_range(ylim, "ylim (reward)")
     ncols = min(ncols, len(scores))
     nrows = math.ceil(len(scores) / ncols)
@@ -94,24 +95,22 @@ def plot_reward_cost_grid(
     return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
     p.add_argument("--input", "--outputs-dir", dest="input", type=Path, default=DEFAULT_INPUT,
-                   help=f"model comparisons folder (default {DEFAULT_INPUT})")  # fmt: skip
+                   help="model comparisons folder")  # fmt: skip
     p.add_argument("--output", type=Path, help=f"PNG to write (default INPUT/{DEFAULT_NAME})")
     p.add_argument("--models", nargs="+", help="models to show, in this order (default: all, sorted)")
     p.add_argument("--xlim", nargs=2, type=float, default=DEFAULT_XLIM, metavar=("LOW", "HIGH"),
-                   help="cost axis range (default -10 10)")  # fmt: skip
+                   help="cost axis range")  # fmt: skip
     p.add_argument("--ylim", nargs=2, type=float, default=DEFAULT_YLIM, metavar=("LOW", "HIGH"),
-                   help="reward axis range (default -4 4)")  # fmt: skip
-    p.add_argument("--ncols", type=int, default=3, help="panels per row (default 3)")
+                   help="reward axis range")  # fmt: skip
+    p.add_argument("--ncols", type=int, default=3, help="panels per row")
     a = p.parse_args(argv)
-    try:
-        fig = plot_reward_cost_grid(load_grid_scores(a.input, a.models), a.xlim, a.ylim, a.ncols)
-    except (FileNotFoundError, ValueError) as exc:
-        p.error(str(exc))
+    fig = plot_reward_cost_grid(load_grid_scores(a.input, a.models), a.xlim, a.ylim, a.ncols)
     print(save_figure(fig, a.output or a.input / DEFAULT_NAME))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -10,7 +10,6 @@ otherwise. Safe means cost ≤ 0, helpful reward > 0 (:mod:`alignment.scoring.qu
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from matplotlib.ticker import PercentFormatter
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_safety_ratios.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment import cli
+from alignment.cli import InputError
 from alignment.config import finite_number
 from alignment.evaluation.comparisons import list_models, load_summary
 from alignment.scoring.quadrants import LABELS
@@ -57,7 +58,7 @@ def shares_from_summary(model: str, summary: Mapping[str, Any]) -> QuadrantShare
     """
     percents = summary.get("percents")
     if not isinstance(percents, Mapping):
-        raise ValueError(f"{model}: summary has no 'percents' object")
+        raise InputError(f"{model}: summary has no 'percents' object")
     clean = {
         label: finite_number(percents.get(label), f"{model}: summary percents[{label!r}]") for label in LABELS
     }
@@ -80,7 +81,7 @@ def plot_safety_ratios(shares: Sequence[QuadrantShares], title: str | None = Non
     is written above each bar.
     """
     if not shares:
-        raise ValueError("no models to plot")
+        raise InputError("no models to plot")
     fig = new_figure((max(6.0, 1.25 * len(shares) + 3.0), 4.8))
     ax = fig.subplots()
     x = list(range(len(shares)))
@@ -115,20 +116,18 @@ def plot_safety_ratios(shares: Sequence[QuadrantShares], title: str | None = Non
     return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
     p.add_argument("--input", "--outputs-dir", dest="input", type=Path, default=DEFAULT_INPUT,
-                   help=f"model comparisons folder (default {DEFAULT_INPUT})")  # fmt: skip
+                   help="model comparisons folder")  # fmt: skip
     p.add_argument("--output", type=Path, help=f"PNG to write (default INPUT/{DEFAULT_NAME})")
     p.add_argument("--models", nargs="+", help="models to show, in this order (default: all, sorted)")
-    p.add_argument("--title", help="figure title")
+    p.add_argument("--title", help="figure title (default: none)")
     a = p.parse_args(argv)
-    try:
-        fig = plot_safety_ratios(load_shares(a.input, a.models), a.title)
-    except (FileNotFoundError, ValueError) as exc:
-        p.error(str(exc))
+    fig = plot_safety_ratios(load_shares(a.input, a.models), a.title)
     print(save_figure(fig, a.output or a.input / DEFAULT_NAME))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

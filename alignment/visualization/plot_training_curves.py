@@ -11,11 +11,15 @@ run (``<run>/runs/events.out.tfevents.*`` with ``train/scorer/reward_mean``,
 are drawn as markers. When a run's saved configuration gives ``cost_threshold_d`` (ES:
 ``config.yaml``; GRPO: the λ state in the newest ``checkpoint-*/trainer_state.json``), its
 constraint E[C] ≤ −d is a dashed line in the cost panel.
+
+Without ``--labels``, the legend names each run by what sets it apart from the other runs of its
+kind: its ``run_name`` and the (at most three) ``config.yaml`` keys whose values differ, e.g.
+``ES noise=full`` and ``ES noise=lowrank``; a run alone of its kind is just ``ES`` or ``GRPO``;
+the folder name is the last resort (no saved config, or identical configs).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -32,6 +36,8 @@ from matplotlib.lines import Line2D
 if __package__ in (None, ""):  # run as `python alignment/visualization/plot_training_curves.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from alignment import cli
+from alignment.cli import InputError
 from alignment.config import finite_number
 from alignment.tracking import read_tensorboard_scalars
 from alignment.visualization.style import new_figure, save_figure, series_color
@@ -53,7 +59,7 @@ PANELS = ("reward", "cost", "lambda")
 class RunCurves:
     """One run's curves: each a list of (step, value); ``cost_threshold_d`` None when not found."""
 
-    label: str
+    label: str | None  # None: named by what differs from the other runs (legend_labels)
     kind: str  # "ES" or "GRPO"
     reward: Series
     cost: Series
@@ -61,6 +67,8 @@ class RunCurves:
     eval_reward: Series = field(default_factory=list)
     eval_cost: Series = field(default_factory=list)
     cost_threshold_d: float | None = None
+    folder: str = ""  # the run folder's name
+    config: dict[str, Any] = field(default_factory=dict)  # its config.yaml, GRPOConfig extras flattened
 
 
 def event_dir(run_dir: Path) -> Path:
@@ -75,7 +83,7 @@ def event_dir(run_dir: Path) -> Path:
     if not folders:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard event files ({EVENT_GLOB}) in it or below")
     if len(folders) > 1:
-        raise ValueError(
+        raise InputError(
             f"{run_dir}: event files in {len(folders)} folders {[str(f) for f in folders]}; pass one run folder"
         )
     return folders[0]
@@ -86,22 +94,11 @@ def detect_kind(tags: Sequence[str], where: Path) -> str:
     kinds = [kind for kind, tag_set in TAGS.items() if tag_set[0] in tags]
     if len(kinds) != 1:
         found = sorted(tags)
-        raise ValueError(
+        raise InputError(
             f"{where}: cannot tell ES from GRPO: expected exactly one of the tags "
             f"{[t[0] for t in TAGS.values()]}, found {len(found)} tags {found[:12]}"
         )
     return kinds[0]
-
-
-def _threshold_from_es(run_root: Path) -> float | None:
-    path = run_root / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not YAML: {exc}") from exc
-    return config.get("cost_threshold_d") if isinstance(config, dict) else None
 
 
 def _threshold_from_grpo(run_root: Path) -> float | None:
@@ -114,7 +111,7 @@ def _threshold_from_grpo(run_root: Path) -> float | None:
     try:
         state = json.loads(newest.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{newest}: not JSON: {exc}") from exc
+        raise InputError(f"{newest}: not JSON: {exc}") from exc
     for callback in (state.get("stateful_callbacks") or {}).values():
         attributes = callback.get("attributes") if isinstance(callback, dict) else None
         lagrange = attributes.get("lagrange_state") if isinstance(attributes, dict) else None
@@ -124,9 +121,80 @@ def _threshold_from_grpo(run_root: Path) -> float | None:
     return None
 
 
+def run_config(run_root: Path) -> dict[str, Any]:
+    """The run's ``config.yaml`` (written by both trainers) as one flat mapping; empty when absent."""
+    path = run_root / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        return {}
+    extra = config.pop("extra", None)  # GRPO: the GRPOConfig fields given in the recipe
+    return {**config, **(extra if isinstance(extra, dict) else {})}
+
+
+# Keys that say where a run wrote or how it reached its services, not what was trained: they
+# differ between any two runs and would crowd the legend.
+NOT_DISTINCTIVE = frozenset({
+    "experiment_dir", "output_dir", "run_name", "scorer_url", "scorer_address_file", "scorer_batch_size",
+    "scorer_timeout", "scorer_retries", "wandb", "wandb_project", "save_every", "save_steps", "logging_dir",
+})  # fmt: skip
+# Shown first when they differ: the choices runs are usually compared by.
+FIRST_KEYS = (
+    "noise", "noise_rank", "policy_model_path", "model_name", "population_size", "sigma", "alpha", "beta",
+    "learning_rate", "num_generations", "loss_type", "lambda_adapt", "lambda_rule", "lambda_cost",
+    "cost_threshold_d", "lambda_lr", "seed",
+)  # fmt: skip
+MAX_LEGEND_KEYS = 3
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Keys whose values are not all equal across ``configs`` (absent counts as a value), the
+    telling ones first (:data:`FIRST_KEYS`), then alphabetically; placement keys are left out."""
+    keys = {k for c in configs for k in c} - NOT_DISTINCTIVE
+    missing = object()
+    differ = [k for k in keys if len({repr(c.get(k, missing)) for c in configs}) > 1]
+    return sorted(differ, key=lambda k: (FIRST_KEYS.index(k) if k in FIRST_KEYS else len(FIRST_KEYS), k))
+
+
+def legend_labels(runs: Sequence[RunCurves]) -> list[str]:
+    """Each run's given label, or one naming what sets it apart from the runs of its kind (module doc)."""
+    labels: list[str] = []
+    for run in runs:
+        if run.label is not None:
+            labels.append(run.label)
+            continue
+        peers = [r for r in runs if r.kind == run.kind]
+        name = run.config.get("run_name")
+        base = f"{run.kind} {name}" if name else run.kind
+        if len(peers) == 1:
+            labels.append(base)
+            continue
+        keys = differing_keys([r.config for r in peers]) if all(r.config for r in peers) else []
+        parts = [f"{k}={_value_text(run.config.get(k))}" for k in keys[:MAX_LEGEND_KEYS]]
+        if len(keys) > MAX_LEGEND_KEYS:
+            parts.append(f"+{len(keys) - MAX_LEGEND_KEYS} more")
+        labels.append(f"{base} {', '.join(parts)}" if parts else f"{base} {run.folder}")
+    for i, label in enumerate(labels):  # runs that still read the same are told apart by folder
+        if labels.count(label) > 1 and runs[i].label is None:
+            labels[i] = f"{label} ({runs[i].folder})"
+    return labels
+
+
 def cost_threshold(run_root: Path, kind: str) -> float | None:
     """``cost_threshold_d`` from the run's saved configuration, or None when it saved none."""
-    value = _threshold_from_es(run_root) if kind == "ES" else _threshold_from_grpo(run_root)
+    value = run_config(run_root).get("cost_threshold_d") if kind == "ES" else _threshold_from_grpo(run_root)
     if value is None:
         return None
     return finite_number(value, f"{run_root}: cost_threshold_d")
@@ -143,12 +211,12 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     kind = detect_kind(list(scalars), events)
     reward_tag, cost_tag, lambda_tag, eval_reward_tag, eval_cost_tag = TAGS[kind]
     if cost_tag not in scalars:
-        raise ValueError(f"{events}: {kind} run without the {cost_tag!r} tag")
+        raise InputError(f"{events}: {kind} run without the {cost_tag!r} tag")
     if lambda_tag not in scalars:
         logger.warning("%s: no %r tag; the λ panel has no line for this run", events, lambda_tag)
     run_root = run_dir.parent if run_dir.name in ("logs", "runs") else run_dir
     return RunCurves(
-        label=label or f"{kind} {run_root.name}",
+        label=label,
         kind=kind,
         reward=scalars[reward_tag],
         cost=scalars[cost_tag],
@@ -156,13 +224,15 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
         eval_reward=scalars.get(eval_reward_tag, []),
         eval_cost=scalars.get(eval_cost_tag, []),
         cost_threshold_d=cost_threshold(run_root, kind),
+        folder=run_root.name,
+        config=run_config(run_root),
     )
 
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
     """TensorBoard-style smoothing: s_t = w·s_{t−1} + (1 − w)·v_t, debiased so s_0 = v_0."""
     if not 0.0 <= weight < 1.0:
-        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+        raise InputError(f"smoothing weight must be in [0, 1), got {weight}")
     out, acc = [], 0.0
     for t, value in enumerate(values, start=1):
         acc = weight * acc + (1.0 - weight) * value
@@ -188,10 +258,10 @@ def _legend_entries(runs: Sequence[RunCurves]) -> tuple[list[Line2D], list[str]]
     """One entry per run (its colour; its constraint when known), then what the markings mean."""
     handles: list[Line2D] = []
     labels: list[str] = []
-    for index, run in enumerate(runs):
+    for index, (run, name) in enumerate(zip(runs, legend_labels(runs), strict=True)):
         handles.append(Line2D([], [], color=series_color(index), linewidth=2))
         bound = 0.0 - run.cost_threshold_d if run.cost_threshold_d is not None else None  # 0.0 - 0.0 is +0
-        labels.append(run.label if bound is None else f"{run.label} (constraint E[C] ≤ {bound:g})")
+        labels.append(name if bound is None else f"{name} (constraint E[C] ≤ {bound:g})")
     if any(run.eval_reward or run.eval_cost for run in runs):
         handles.append(Line2D([], [], linestyle="none", marker="D", color="gray", markeredgecolor="black"))
         labels.append("greedy evaluation")
@@ -211,7 +281,7 @@ def plot_training_curves(runs: Sequence[RunCurves], smooth: float = 0.0) -> Figu
     reward, cost, lambda; the cost panel also has the cost = 0 line (gid ``"cost/zero"``).
     """
     if not runs:
-        raise ValueError("no runs to plot")
+        raise InputError("no runs to plot")
     ema([], smooth)  # reject a bad weight before drawing anything
     fig = new_figure((15.0, 4.3))
     ax_r, ax_c, ax_l = fig.subplots(1, 3)
@@ -243,24 +313,23 @@ def plot_training_curves(runs: Sequence[RunCurves], smooth: float = 0.0) -> Figu
     return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="ES or GRPO run folder(s)")
-    p.add_argument("--labels", nargs="+", help="legend label per run (default: kind and folder name)")
+    p.add_argument("--labels", nargs="+", help="legend label per run (default: what sets each run apart)")
     p.add_argument("--smooth", type=float, default=0.0,
-                   help="TensorBoard-style EMA weight in [0, 1) for the curves (default 0: raw)")  # fmt: skip
+                   help="TensorBoard-style EMA weight in [0, 1) for the curves (0: raw)")  # fmt: skip
     p.add_argument("--output", type=Path, help="PNG to write (default FIRST_RUN_DIR/training_curves.png)")
     a = p.parse_args(argv)
     if a.labels is not None and len(a.labels) != len(a.run_dirs):
         p.error(f"--labels gives {len(a.labels)} label(s) for {len(a.run_dirs)} run folder(s)")
     labels = a.labels or [None] * len(a.run_dirs)
-    try:
-        runs = [load_run(d, lab) for d, lab in zip(a.run_dirs, labels, strict=True)]
-        fig = plot_training_curves(runs, a.smooth)
-    except (FileNotFoundError, ValueError) as exc:
-        p.error(str(exc))
-    print(save_figure(fig, a.output or a.run_dirs[0] / "training_curves.png"))
+    runs = [load_run(d, lab) for d, lab in zip(a.run_dirs, labels, strict=True)]
+    print(
+        save_figure(plot_training_curves(runs, a.smooth), a.output or a.run_dirs[0] / "training_curves.png")
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,6 +16,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from alignment.cli import InputError
+
 logger = logging.getLogger(__name__)
 
 DPI = 150
@@ -67,10 +69,10 @@ def require_dir(path: str | Path, what: str) -> Path:
 def choose_models(available: Sequence[str], wanted: Sequence[str] | None, where: str | Path) -> list[str]:
     """``wanted`` in its order (all of ``available`` when None); unknown names or none at all are errors."""
     if not available:
-        raise ValueError(f"no models in {where}")
+        raise InputError(f"no models in {where}")
     if not wanted:
         return list(available)
     unknown = [m for m in wanted if m not in available]
     if unknown:
-        raise ValueError(f"model(s) {unknown} not in {where}; available: {list(available)}")
+        raise InputError(f"model(s) {unknown} not in {where}; available: {list(available)}")
     return list(wanted)
