@@ -71,6 +71,8 @@ USER_ERRORS: list[tuple[str, list[str], str]] = [
     ("alignment.alpaca.recover", ["--base", "b", "--dtype", "int8"], "unknown dtype 'int8'"),
     ("alignment.toy.build", ["--out", "{file}"], "exists"),
     ("alignment.demo", ["--models-dir"], "expected one argument"),
+    ("alignment.doctor", ["--device", "cpu", "--policy-shape", "7b"], "the 7b shape is built on a GPU only"),
+    ("alignment.doctor", ["--limit", "es=soon"], "expected CHECK=SECONDS"),
 ]  # fmt: skip
 CLIS = sorted({module for module, _, _ in USER_ERRORS})
 

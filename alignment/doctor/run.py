@@ -91,8 +91,8 @@ def run_doctor(opts: Options) -> DoctorReport:
     check_names(opts)
     device = resolve_device(opts.device)
     out_dir = Path(opts.out_dir or Path("logs/doctor") / time.strftime("%Y%m%d_%H%M%S"))
+    ctx = context(opts, device, out_dir)  # bad flags are refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = context(opts, device, out_dir)
     selected = [n for n in CHECKS if not opts.only or n in opts.only or (n == "models" and any(
         c in opts.only for c in NEEDS_MODELS + ("models",)))]  # fmt: skip
     results: list[CheckResult] = []
