@@ -167,3 +167,23 @@ def test_random_shapes_count_like_llama_and_7b_is_refused_on_cpu():
     assert check_shape("1b", "cpu") == s and check_shape("7b", "cuda") == SHAPES["7b"]
     with pytest.raises(UserError, match="7b shape is built on a GPU only"):
         check_shape("7b", "cpu")
+
+
+def test_each_check_sees_the_gpus_it_should():
+    from alignment.doctor.context import Context
+    from alignment.doctor.runner import child_env
+
+    gpu = Context(
+        device="cuda", quick=True, models_dir="m", out_dir="o", policy_label="toy", score_label="toy"
+    )
+    cpu = Context(
+        device="cpu", quick=True, models_dir="m", out_dir="o", policy_label="toy", score_label="toy"
+    )
+    job = {"CUDA_VISIBLE_DEVICES": "2,3", "PATH": "/bin"}
+    assert child_env(CHECKS["grpo"], gpu, job)["CUDA_VISIBLE_DEVICES"] == "2"  # one GPU: no DataParallel
+    assert child_env(CHECKS["grpo"], gpu, {})["CUDA_VISIBLE_DEVICES"] == "0"
+    assert child_env(CHECKS["noise"], gpu, job)["CUDA_VISIBLE_DEVICES"] == "2,3"  # every GPU against the CPU
+    assert all(child_env(spec, cpu, job)["CUDA_VISIBLE_DEVICES"] == "" for spec in CHECKS.values())
+    assert (
+        child_env(CHECKS["es"], cpu, job)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and job["PATH"] == "/bin"
+    )

