@@ -27,6 +27,7 @@ Verdict = Literal["met", "missed", "info", "not judged", "not run"]
 STATUSES: tuple[str, ...] = ("passed", "missed", "failed", "timed out", "not run")
 VERDICTS: tuple[str, ...] = ("met", "missed", "info", "not judged", "not run")
 SCHEMA_VERSION = 1
+NO_GPU = "no GPU used (--device cpu, or none visible)"  # why a GPU-only part did not run
 
 
 @dataclass

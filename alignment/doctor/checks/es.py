@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from alignment.doctor.context import Context
-from alignment.doctor.report import CheckResult, Figure, judged, not_run
+from alignment.doctor.report import NO_GPU, CheckResult, Figure, judged, not_run
 from alignment.es import measure
 
 TITLE = "ES iteration: full and low-rank, share outside generation, memory"
@@ -160,7 +160,7 @@ def run_es(ctx: Context) -> CheckResult:
     try:
         figures = engine_figures("", report, s, ctx.on_gpu)
         figures += (
-            memory_figures(executor) if ctx.on_gpu else [not_run("ES memory: measured peak / plan", "no GPU")]
+            memory_figures(executor) if ctx.on_gpu else [not_run("ES memory: measured peak / plan", NO_GPU)]
         )
     finally:
         executor.close()  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from alignment.doctor.context import Context
-from alignment.doctor.report import CheckResult, Figure, judged, not_run
+from alignment.doctor.report import NO_GPU, CheckResult, Figure, judged, not_run
 
 TITLE = "GRPO: TRL steps against the running scorer"
 RECIPE = Path(__file__).resolve().parents[2] / "grpo" / "grpo_toy.yaml"
@@ -78,5 +78,5 @@ def run_grpo(ctx: Context) -> CheckResult:
         figures.append(Figure("peak GPU memory", peak / 2**30, "GiB",
                               note=f"{params / 1e9:.2f}B parameters: {peak / params:.1f} bytes a parameter"))  # fmt: skip
     else:
-        figures.append(not_run("peak GPU memory", "no GPU"))
+        figures.append(not_run("peak GPU memory", NO_GPU))
     return CheckResult.from_figures("grpo", TITLE, figures, data={"steps": clock.steps})

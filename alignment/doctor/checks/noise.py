@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from alignment.doctor.context import Context
-from alignment.doctor.report import CheckResult, Figure, not_run
+from alignment.doctor.report import NO_GPU, CheckResult, Figure, not_run
 from alignment.es import noise
 
 TITLE = "ES noise: self-check, CPU vs every GPU bit for bit, speed"
@@ -106,10 +106,9 @@ def run_noise(ctx: Context) -> CheckResult:
             figures.append(Figure(f"{device} ({label}) vs cpu", "bit-equal" if ok else "DIFFERS",
                                   target="bit-equal", verdict="met" if ok else "missed", note=note))  # fmt: skip
     if not gpus:
-        why = "no GPU" if not torch.cuda.is_available() and not ctx.on_gpu else "--device cpu"
         figures.append(
             not_run(
-                "CPU vs GPU bit-equality (eager, compiled)", f"{why}: equal by construction, not measured"
+                "CPU vs GPU bit-equality (eager, compiled)", f"{NO_GPU}: equal by construction, not measured"
             )
         )
     figures.append(
