@@ -15,7 +15,6 @@ methods side by side.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import shutil
@@ -27,9 +26,10 @@ from pathlib import Path
 if importlib.util.find_spec("alignment") is None:  # `python bench/persona_rl.py`, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alignment import cli
 from alignment.persona.config import load_persona_config
 from alignment.persona.demo import RECIPE, SFT_STEPS, _paths
-from alignment.persona.toy import build_persona_toy
+from alignment.persona.toy import DEFAULT_OUT, build_persona_toy
 from alignment.persona.trainer import train
 
 logger = logging.getLogger("bench.persona_rl")
@@ -46,14 +46,14 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models-dir", default="models/persona-toy")
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--models-dir", default=DEFAULT_OUT, help="the toy task (built there when missing)")
     p.add_argument("--runs-dir", default=None, help="default: a temporary folder, removed afterwards")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one RL run per method and seed")
+    p.add_argument("--steps", type=int, default=100, help="RL steps per run")
     p.add_argument("--batch", type=int, default=2, help="GRPO rows per step (REINFORCE: 4x)")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     toy = build_persona_toy(a.models_dir)
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{_stat([r['eval/kl_to_reference'] for r in rows]):>16}")  # fmt: skip
     print(" | ".join(f"{label}: reward {_stat([r['eval/reward'] for r in rows])}, KL "
                      f"{_stat([r['eval/kl_to_reference'] for r in rows])}" for label, rows in results.items()))  # fmt: skip
+    return 0
 
 
 def load_count(path: str) -> int:
@@ -102,4 +103,4 @@ def load_count(path: str) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

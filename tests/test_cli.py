@@ -71,6 +71,18 @@ USER_ERRORS: list[tuple[str, list[str], str]] = [
     ("alignment.alpaca.recover", ["--base", "b", "--dtype", "int8"], "unknown dtype 'int8'"),
     ("alignment.toy.build", ["--out", "{file}"], "exists"),
     ("alignment.demo", ["--models-dir"], "expected one argument"),
+    # persona
+    ("alignment.persona.train", ["--bogus"], "unrecognized arguments"),
+    ("alignment.persona.train", ["--train_data", "{bad_jsonl}", "--eval_data", "{bad_jsonl}", "--passages",
+     "{bad_jsonl}", "--checkpoint_dir", "{tmp}/p"], "bad.jsonl:1: not JSON"),
+    ("alignment.persona.train", ["--retriever_model_path", "minilm", "--reader_rl_learning", "--grpo_clip_eps", "0.1"],
+     "only apply with use_grpo"),
+    ("alignment.persona.prepare", ["--data", "{tmp}/none.jsonl"], "no such data file"),
+    ("alignment.persona.prepare", ["--data", "{bad_jsonl}", "--out", "{tmp}/o"], "bad.jsonl:1: not JSON"),
+    ("alignment.persona.recipe", ["--prepared", "{tmp}/none", "--data", "{tmp}/none.jsonl"], "no such data file"),
+    ("alignment.persona.toy", ["--seed", "x"], "invalid int value"),
+    ("alignment.persona.demo", ["--models-dir"], "expected one argument"),
+    # doctor
     ("alignment.doctor", ["--device", "cpu", "--policy-shape", "7b"], "the 7b shape is built on a GPU only"),
     ("alignment.doctor", ["--limit", "es=soon"], "expected CHECK=SECONDS"),
 ]  # fmt: skip

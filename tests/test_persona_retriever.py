@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from alignment.cli import UserError
 from alignment.persona.data import Passage, format_passage, load_examples, load_passages, retrieval_query
 from alignment.persona.index import PassageIndex, load_index, load_or_build_index
 from alignment.persona.retriever import Retriever, encode_texts, mean_pool, tokenize
@@ -65,7 +66,7 @@ def test_faiss_mode_agrees_with_flat_or_says_what_is_missing():
     try:
         import faiss  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="pip install faiss-cpu"):
+        with pytest.raises(UserError, match="pip install faiss-cpu"):
             PassageIndex(emb, passages, "fp", mode="faiss")
         return
     q = torch.randn(2, 4)

@@ -155,7 +155,7 @@ def test_resume_guards(persona_toy, sft, tmp_path):
     changed = toy_cfg(persona_toy, cfg.checkpoint_dir, "sft", total_steps=4, save_freq=2, lr=0.5)
     with pytest.raises(ConfigError, match=r"lr \(0.001 -> 0.5\)"):
         train(changed, resume=True)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         train(toy_cfg(persona_toy, tmp_path, "none"), resume=True)
 
 
@@ -214,3 +214,39 @@ def test_cli_trains_and_prints_its_summary(persona_toy, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 1 and out["checkpoint"].endswith("cli/checkpoint/step-1")
     assert "eval/reward" in out["final_eval"] and (tmp_path / "cli" / "run.log").is_file()
+
+
+@pytest.mark.parametrize(
+    "recipe", ["persona_toy.yaml", "persona_convai2.yaml", "persona_convai2_offline.yaml"]
+)
+def test_recipe_comments_are_commands_the_cli_accepts(recipe, monkeypatch):
+    """Every `python -m alignment.persona.train ...` in a recipe's comment parses (no `key=value`)."""
+    monkeypatch.chdir(REPO)  # the commands name the recipe relative to the repository root
+    lines = [line.lstrip("#").strip() for line in (REPO / "alignment" / "persona" / recipe).read_text().splitlines()
+             if line.startswith("#")]  # fmt: skip
+    commands, current = [], None
+    for line in lines:
+        if current is None and "-m alignment.persona.train" in line:
+            current = line.split("-m alignment.persona.train", 1)[1]
+        elif current is not None:
+            current += " " + line
+        if current is not None and not current.endswith("\\"):
+            commands.append(current.replace("\\", " ").split())
+            current = None
+    assert commands
+    for words in commands:
+        assert not [w for w in words if "=" in w and not w.startswith("--")], words
+        cfg, _ = parse_args(words)
+        assert cfg.run_dir.parts[0] == "logs"  # runs land in the git-ignored logs/
+
+
+def test_toy_recipe_points_where_make_demo_builds():
+    from alignment.persona.demo import persona_demo  # noqa: F401  (the demo builds models/toy/persona)
+    from alignment.persona.toy import DEFAULT_OUT
+
+    cfg = load_persona_config(REPO / "alignment" / "persona" / "persona_toy.yaml")
+    assert DEFAULT_OUT == "models/toy/persona"
+    assert cfg.reader_model_type == f"{DEFAULT_OUT}/reader" and cfg.train_data.startswith(
+        f"{DEFAULT_OUT}/data/"
+    )
+    assert PersonaConfig().checkpoint_dir == "logs/persona" and cfg.checkpoint_dir.startswith("logs/")

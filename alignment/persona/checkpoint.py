@@ -44,13 +44,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step folder (``…/step-N``, ``…/latest`` or a run folder holding ``checkpoint/latest``)."""
+    """A step folder (``…/step-N``, ``…/latest`` or a run folder holding ``checkpoint/latest``):
+    ours (``reader/``) or LAPDOG's (``model.pth.tar``, see :mod:`alignment.persona.models`)."""
     path = Path(path)
     if (path / CHECKPOINT / LATEST).exists():
         path = path / CHECKPOINT / LATEST
     path = path.resolve()
-    if not (path / "reader").is_dir():
-        raise FileNotFoundError(f"{path} is not a persona checkpoint (no reader/ folder)")
+    if not (path / "reader").is_dir() and not (path / "model.pth.tar").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a persona checkpoint (no reader/ folder, no LAPDOG model.pth.tar)"
+        )
     return path
 
 

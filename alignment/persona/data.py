@@ -11,7 +11,8 @@ dialogue so far after ``context:`` (or ``dialog:``), each turn starting ``Q:`` o
 
     {"id": "story-17", "title": "halloween", "text": "the family watched a scary film ..."}
 
-Every malformed row is an error naming ``file:line`` and the field; other fields are ignored.
+Every malformed row is a :class:`DataError` naming ``file:line`` and the field (a user error: one
+line from the command line); other fields are ignored.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from alignment.cli import UserError
 from alignment.data import iter_jsonl
 
 RetrieverFrom = Literal["all", "persona", "context"]
 
 _PERSONA = re.compile(r"persona(?: for R)?:")
 _CONTEXT = re.compile(r"context:|dialog:")
+
+
+class DataError(UserError, ValueError):
+    """A data file or row that cannot be used; the message names the file (and line) and the field."""
 
 
 @dataclass(frozen=True)
@@ -59,21 +65,33 @@ def split_question(question: str) -> tuple[str, str]:
 def _example(row: dict, where: str) -> DialogueExample:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}")
+        raise DataError(f"{where}: field 'question' must be a non-empty string, got {question!r}")
     answers = row.get("answers")
     if (
         not isinstance(answers, list)
         or not answers
         or not all(isinstance(a, str) and a.strip() for a in answers)
     ):
-        raise ValueError(
+        raise DataError(
             f"{where}: field 'answers' must be a non-empty list of non-empty strings, got {answers!r}"
         )
     try:
         persona, context = split_question(question)
     except ValueError as exc:
-        raise ValueError(f"{where}: field 'question': {exc}") from None
+        raise DataError(f"{where}: field 'question': {exc}") from None
     return DialogueExample(question, tuple(answers), persona, context, where)
+
+
+def _rows(path: Path):
+    """iter_jsonl's rows, its bad-line errors as :class:`DataError` (they already name file:line)."""
+    rows = iter_jsonl(path)
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
 
 
 def load_examples(path: str | Path, limit: int = 0) -> list[DialogueExample]:
@@ -82,12 +100,12 @@ def load_examples(path: str | Path, limit: int = 0) -> list[DialogueExample]:
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
     examples = []
-    for line, row in iter_jsonl(path):
+    for line, row in _rows(path):
         examples.append(_example(row, f"{path}:{line}"))
         if limit and len(examples) >= limit:
             break
     if not examples:
-        raise ValueError(f"{path}: no dialogue rows")
+        raise DataError(f"{path}: no dialogue rows")
     return examples
 
 
@@ -98,23 +116,23 @@ def load_passages(path: str | Path) -> list[Passage]:
         raise FileNotFoundError(f"no such passages file: {path}")
     passages: list[Passage] = []
     seen: dict[str, int] = {}
-    for line, row in iter_jsonl(path):
+    for line, row in _rows(path):
         where = f"{path}:{line}"
         pid = row.get("id")
         if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) == "":
-            raise ValueError(f"{where}: field 'id' must be a non-empty string or integer, got {pid!r}")
+            raise DataError(f"{where}: field 'id' must be a non-empty string or integer, got {pid!r}")
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: field 'text' must be a non-empty string, got {text!r}")
+            raise DataError(f"{where}: field 'text' must be a non-empty string, got {text!r}")
         title = row.get("title", "")
         if not isinstance(title, str):
-            raise ValueError(f"{where}: field 'title' must be a string when present, got {title!r}")
+            raise DataError(f"{where}: field 'title' must be a string when present, got {title!r}")
         if str(pid) in seen:
-            raise ValueError(f"{where}: duplicate passage id {pid!r} (first at line {seen[str(pid)]})")
+            raise DataError(f"{where}: duplicate passage id {pid!r} (first at line {seen[str(pid)]})")
         seen[str(pid)] = line
         passages.append(Passage(str(pid), text, title))
     if not passages:
-        raise ValueError(f"{path}: no passages")
+        raise DataError(f"{path}: no passages")
     return passages
 
 

@@ -10,11 +10,11 @@ training, after SFT and after GRPO, plus one example dialogue. About a minute on
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
 
+from alignment import cli
 from alignment.persona.config import load_persona_config
 from alignment.persona.data import load_examples
 from alignment.persona.evaluate import format_records
@@ -75,14 +75,15 @@ def persona_demo(models_dir: str | Path = "models/toy", logs_dir: str | Path = "
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models-dir", default="models/toy")
-    p.add_argument("--logs-dir", default="logs/demo")
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--models-dir", default="models/toy", help="the toy is built in its persona/ folder")
+    p.add_argument("--logs-dir", default="logs/demo", help="the runs go to its persona/ folder")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print("\n".join(persona_demo(a.models_dir, a.logs_dir)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -79,7 +79,8 @@ def evaluate(
             ems.append(exact_match(text, example.answers))
             if len(records) < num_records:
                 records.append({"source": example.source, "persona": example.persona, "context": example.context,
-                                "passages": [p.title or p.id for p in ps], "gold": example.answers[0],
+                                "passages": [{"id": p.id, "title": p.title, "text": p.text} for p in ps],
+                                "gold": example.answers[0],
                                 "response": text, "reward": score.reward})  # fmt: skip
         texts.extend(batch_texts)
         scores.extend(batch_scores)
@@ -102,10 +103,13 @@ def evaluate(
 
 
 def format_records(step: int, records: Sequence[dict]) -> str:
-    """Example dialogues as plain text (for ``examples.log`` and TensorBoard)."""
+    """Example dialogues as plain text (for ``examples.log`` and TensorBoard), each retrieved
+    passage the reader read with its id, title and text."""
     lines = [f"=== step {step} ==="]
     for r in records:
-        lines += [f"[{r['source']}]", f"persona:   {r['persona']}", f"context:   {r['context']}",
-                  f"passages:  {', '.join(r['passages'])}", f"gold:      {r['gold']}",
-                  f"response:  {r['response']}   (reward {r['reward']:.3f})", ""]  # fmt: skip
+        lines += [f"[{r['source']}]", f"persona:   {r['persona']}", f"context:   {r['context']}", "passages:"]
+        for p in r["passages"]:
+            title = f"{p['title']}: " if p["title"] else ""
+            lines.append(f"  [{p['id']}] {title}{p['text']}")
+        lines += [f"gold:      {r['gold']}", f"response:  {r['response']}   (reward {r['reward']:.3f})", ""]
     return "\n".join(lines)

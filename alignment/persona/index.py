@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignment.atomic import replace_dir
+from alignment.cli import UserError
 from alignment.persona.data import Passage, format_passage
 from alignment.persona.hashing import texts_hash, weights_hash
 from alignment.persona.retriever import Retriever, encode_texts
@@ -56,9 +57,7 @@ class PassageIndex:
             try:
                 import faiss
             except ImportError as exc:
-                raise RuntimeError(
-                    "index_mode 'faiss' needs the faiss package (pip install faiss-cpu)"
-                ) from exc
+                raise UserError("index_mode 'faiss' needs the faiss package (pip install faiss-cpu)") from exc
             self._faiss = faiss.IndexFlatIP(self.embeddings.shape[1])
             self._faiss.add(self.embeddings.cpu().numpy())
         elif self.mode != "flat":

@@ -36,6 +36,9 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.banned = banned_ids(self.reader_tokenizer)
         self.weights = self.cfg.reward_weights()
+        # a frozen retriever embeds a query text the same way every time: embed each text once
+        # (LAPDOG rows repeat their persona in every turn, so retrieving by persona repeats a lot)
+        self._query_cache: dict[str, torch.Tensor] | None = None if self.cfg.train_retriever else {}
 
     @property
     def retriever_max_length(self) -> int:
@@ -45,7 +48,19 @@ class Pipeline:
     def retrieve(self, examples: Sequence[DialogueExample], k: int) -> list[list[Passage]]:
         """The top-``k`` passages of each row, by the retriever's current query embedding."""
         queries = [retrieval_query(e, self.cfg.retriever_from) for e in examples]
-        emb = encode_texts(self.retriever, self.retriever_tokenizer, queries, self.retriever_max_length)
+        cache = self._query_cache
+        if cache is None:
+            emb = encode_texts(self.retriever, self.retriever_tokenizer, queries, self.retriever_max_length)
+        else:
+            new = list(dict.fromkeys(q for q in queries if q not in cache))
+            if new:
+                # one text per forward: its embedding is then a function of the text alone, not of
+                # the padding of whichever batch first held it (a resumed run retrieves the same)
+                fresh = encode_texts(
+                    self.retriever, self.retriever_tokenizer, new, self.retriever_max_length, 1
+                )
+                cache.update(zip(new, fresh, strict=True))
+            emb = torch.stack([cache[q] for q in queries])
         _, rows = self.index.search(emb, k)
         return self.index.lookup(rows)
 

@@ -8,6 +8,11 @@ T target tokens, V vocabulary, H hidden size.
 :class:`FiDReader` is an ``nn.Module`` whose ``forward`` does encoder and decoder in one call, so
 it can be wrapped in DistributedDataParallel; ``repeats`` shares one encoding among the G sampled
 responses of an input (GRPO) without encoding it G times.
+
+``decoder_prefix`` (token ids, default none) is given to the decoder after its start token and
+before every target, never predicted nor sampled: LAPDOG trains its targets as ``<extra_id_0>
+reply``, so a model from its checkpoints answers after that sentinel (see
+:mod:`alignment.persona.models`). Logits and responses are those of the target tokens only.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ class Encoded:
 
 
 class FiDReader(nn.Module):
-    def __init__(self, t5: nn.Module) -> None:
+    def __init__(self, t5: nn.Module, decoder_prefix: Sequence[int] = ()) -> None:
         super().__init__()
         self.t5 = t5
+        self.decoder_prefix = list(decoder_prefix)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FiDReader:
@@ -56,21 +62,29 @@ class FiDReader(nn.Module):
         hidden = out.last_hidden_state.reshape(b, k * length, -1)
         return Encoded(hidden, attention_mask.reshape(b, k * length))
 
+    def decoder_start(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """The decoder's first inputs [n, 1 + P]: its start id, then the prefix's P ids."""
+        ids = [self.t5.config.decoder_start_token_id, *self.decoder_prefix]
+        return torch.tensor(ids, dtype=torch.long, device=device).expand(n, -1)
+
     def decode(self, encoded: Encoded, targets: torch.Tensor, repeats: int = 1) -> torch.Tensor:
         """Teacher-forced logits [B·repeats, T, V] of ``targets`` [B·repeats, T] (row b·repeats + g is
-        input b's g-th target); the decoder input is the targets shifted right after the start id."""
+        input b's g-th target); the decoder input is the start id, the prefix, then the targets
+        shifted right."""
         hidden, mask = encoded.hidden, encoded.mask
         if repeats > 1:
             hidden, mask = hidden.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
         if targets.shape[0] != hidden.shape[0]:
             raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} encoded inputs")
+        # [start, prefix, targets[:-1]]: without a prefix, exactly T5's _shift_right of the targets
+        inputs = torch.cat([self.decoder_start(targets.shape[0], targets.device), targets[:, :-1]], dim=1)
         out = self.t5(
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
             attention_mask=mask,
-            decoder_input_ids=self.t5._shift_right(targets),
+            decoder_input_ids=inputs,
             use_cache=False,
         )
-        return out.logits
+        return out.logits[:, len(self.decoder_prefix) :]
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, repeats: int = 1
@@ -87,17 +101,19 @@ class FiDReader(nn.Module):
         suppress_ids: Sequence[int] = (),
     ) -> torch.Tensor:
         """Greedy responses [B, ≤ max_new_tokens] (HF ``generate`` on the fused encoding; no start
-        token, padded after EOS). ``suppress_ids`` are never emitted (the sampler bans the same)."""
+        token nor prefix, padded after EOS). ``suppress_ids`` are never emitted (the sampler bans the same)."""
         encoded = self.encode(input_ids, attention_mask)
+        start = self.decoder_start(input_ids.shape[0], input_ids.device)
         out = self.t5.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoded.hidden),
             attention_mask=encoded.mask,
+            decoder_input_ids=start,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
             suppress_tokens=list(suppress_ids) or None,
         )
-        return out[:, 1:]  # drop the decoder start token
+        return out[:, start.shape[1] :]  # drop the decoder start token and the prefix
 
 
 def banned_ids(tokenizer) -> list[int]:

@@ -12,6 +12,13 @@
 Each component is in [0, 1]; REINFORCE and GRPO optimise this same number, and the retriever's
 distillation ("dist") uses it per passage. A library error is never turned into a score: it
 propagates. Also the evaluation's EM and distinct-n.
+
+``compat="lapdog"`` (``--reward_compat lapdog``) computes F1 and ROUGE-L as LAPDOG's code does,
+so that numbers compare with its papers' and logs: F1 on whitespace tokens *without* any
+normalisation (case and punctuation count), ROUGE-L the ``rouge-l`` F of the ``rouge`` package
+(sentences split at ".", case-sensitive; 0 when the response is empty, as LAPDOG's wrapper
+returns). BLEU stays ours: LAPDOG divides each row's BLEU by the L2 norm of the batch's BLEU
+scores, so a row's reward depends on the other rows of its batch (and is NaN when all are 0).
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
+from alignment.cli import UserError
 from alignment.config import finite_number
+
+RewardCompat = Literal["ours", "lapdog"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -81,13 +92,62 @@ def sentence_bleu(prediction: str, answers: Sequence[str]) -> float:
     return min(score, 1.0)  # a perfect match comes back as 100.00000000000004 (exp of a log sum)
 
 
+def lapdog_f1(prediction: str, answers: Sequence[str]) -> float:
+    """LAPDOG's reward F1: token F1 on ``str.split()`` tokens with no normalisation, best over ``answers``."""
+    best = 0.0
+    for answer in answers:
+        pred, gold = prediction.split(), answer.split()
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same:
+            precision, recall = same / len(pred), same / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+@lru_cache(maxsize=1)
+def _rouge_package():
+    try:
+        from rouge import Rouge
+    except ImportError:
+        raise UserError(
+            "reward_compat lapdog needs the rouge package: pip install 'alignment[lapdog]'"
+        ) from None
+    return Rouge()
+
+
+_EMPTY = ("Hypothesis is empty.", "Reference is empty.")  # the rouge package's words for "no tokens"
+
+
+def lapdog_rouge_l(prediction: str, answers: Sequence[str]) -> float:
+    """LAPDOG's ROUGE-L: the ``rouge`` package's ``rouge-l`` F, best over ``answers``; 0 for a
+    response with no tokens (empty, or only "." which the package splits away)."""
+    answers = [a for a in answers if a]
+    if not prediction or not answers:
+        return 0.0
+    best = 0.0
+    for answer in answers:
+        try:
+            score = _rouge_package().get_scores(prediction, answer, avg=True)["rouge-l"]["f"]
+        except ValueError as exc:
+            if str(exc) not in _EMPTY:  # anything else is a real failure: it propagates
+                raise
+            score = 0.0
+        best = max(best, float(score))
+    return best
+
+
 @dataclass(frozen=True)
 class RewardWeights:
+    """The reward's weights, and whose definitions of F1 and ROUGE-L it uses (``compat``)."""
+
     f1: float = 1.0
     rouge: float = 1.0
     bleu: float = 1.0
+    compat: RewardCompat = "ours"
 
     def __post_init__(self) -> None:
+        if self.compat not in ("ours", "lapdog"):
+            raise ValueError(f"reward compat must be 'ours' or 'lapdog', got {self.compat!r}")
         for name in ("f1", "rouge", "bleu"):
             if finite_number(getattr(self, name), f"reward weight {name}") < 0:
                 raise ValueError(f"reward weight {name} must be >= 0, got {getattr(self, name)}")
@@ -107,11 +167,11 @@ def score_response(prediction: str, answers: Sequence[str], weights: RewardWeigh
     """Every component of the reward of ``prediction`` against the gold ``answers``."""
     if not answers:
         raise ValueError("a reward needs at least one gold answer")
-    f1, rl, bleu = (
-        token_f1(prediction, answers),
-        rouge_l(prediction, answers),
-        sentence_bleu(prediction, answers),
-    )
+    if weights.compat == "lapdog":
+        f1, rl = lapdog_f1(prediction, answers), lapdog_rouge_l(prediction, answers)
+    else:
+        f1, rl = token_f1(prediction, answers), rouge_l(prediction, answers)
+    bleu = sentence_bleu(prediction, answers)
     return RewardScore(f1, rl, bleu, weights.f1 * f1 + weights.rouge * rl + weights.bleu * bleu)
 
 

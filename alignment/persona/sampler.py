@@ -51,7 +51,7 @@ def sample_responses(
     mask = encoded.mask.repeat_interleave(num_samples, 0)
     n = hidden.shape[0]
     encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
-    step_input = torch.full((n, 1), t5.config.decoder_start_token_id, dtype=torch.long, device=hidden.device)
+    step_input = reader.decoder_start(n, hidden.device)  # start id (+ prefix: LAPDOG's <extra_id_0>)
     finished = torch.zeros(n, dtype=torch.bool, device=hidden.device)
     past = None
     tokens, active, logps, keeps = [], [], [], []

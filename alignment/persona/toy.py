@@ -1,6 +1,6 @@
 """Tiny local models and a synthetic persona task in which retrieval matters (no hub, seconds).
 
-    python -m alignment.persona.toy --out models/persona-toy
+    python -m alignment.persona.toy                 # into models/toy/persona, where `make demo` builds it
 
 Writes::
 
@@ -19,18 +19,19 @@ the persona. Train and valid use disjoint keywords: the held-out colours cannot 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import random
 from pathlib import Path
 
+from alignment import cli
 from alignment.atomic import write_text
 
 logger = logging.getLogger(__name__)
 
 BUILD_VERSION = 1
+DEFAULT_OUT = "models/toy/persona"  # where `make demo` (alignment.persona.demo) builds it too
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown", "grey",
            "gold", "teal", "silver", "violet", "amber")  # fmt: skip
 DISTRACTORS = ("i have a dog .", "i work at night .", "i live in a big city .", "i like to swim .",
@@ -189,7 +190,7 @@ def _is_current(out: Path, seed: int) -> bool:
     return build.get("version") == BUILD_VERSION and build.get("seed") == seed
 
 
-def build_persona_toy(out: str | Path = "models/persona-toy", seed: int = 0, force: bool = False) -> Path:
+def build_persona_toy(out: str | Path = DEFAULT_OUT, seed: int = 0, force: bool = False) -> Path:
     """Build everything into ``out`` (kept when an up-to-date build is there); returns ``out``."""
     out = Path(out)
     if not force and _is_current(out, seed):
@@ -209,16 +210,17 @@ def build_persona_toy(out: str | Path = "models/persona-toy", seed: int = 0, for
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build the tiny persona models and synthetic task (no hub).")
-    p.add_argument("--out", default="models/persona-toy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder to build into (make demo builds the same one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task and the models")
+    p.add_argument("--force", action="store_true", help="rebuild even when an up-to-date build is there")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(build_persona_toy(a.out, a.seed, a.force))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,7 +9,8 @@
     torchrun --nproc_per_node 4 -m alignment.persona.train ...          # data parallel
     python -m alignment.persona.train <the same flags> --resume         # continue after a crash
 
-Flags beat the YAML recipe, which beats the defaults (alignment/persona/config.py).
+Flags beat the YAML recipe, which beats the defaults (alignment/persona/config.py). A bad flag,
+file or row is one line on stderr and exit code 2 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import logging
 import os
 import sys
 
+from alignment import cli
 from alignment.config import add_dataclass_args, config_from_args
 from alignment.persona.config import PersonaConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PersonaConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = cli.parser(__doc__)
     p.add_argument("--config", default=None, help="YAML recipe (keys of PersonaConfig)")
     p.add_argument("--resume", action="store_true", help="continue checkpoint_dir/name/checkpoint/latest")
     add_dataclass_args(p, PersonaConfig)
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PersonaConfig, argparse.N
     return config_from_args(PersonaConfig, args, args.config), args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(json.dumps({"step": summary["step"], "checkpoint": summary["checkpoint"],
                           "final_eval": summary["eval"][-1] if summary["eval"] else None}, indent=2))  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

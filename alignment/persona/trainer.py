@@ -4,7 +4,7 @@
 
 One step = one batch of ``per_gpu_batch_size`` rows per process: retrieve → (distil the retriever)
 → one reader update (SFT, REINFORCE) or ``grpo_inner_epochs`` of them (GRPO) → schedulers.
-Evaluation every ``eval_freq`` steps (and at step 0 and the end), a checkpoint every ``save_freq``
+Evaluation every ``eval_freq`` steps (and at step 0, unless ``eval_at_start`` is off, and the end), a checkpoint every ``save_freq``
 steps and at the end. Data order is a function of (seed, epoch), so a resumed run continues the
 same sequence of batches; with the RNG, optimizer and scheduler states restored it reaches the
 weights an uninterrupted run reaches.
@@ -21,33 +21,44 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
 from alignment.atomic import write_text
+from alignment.cli import UserError
 from alignment.config import ConfigError
 from alignment.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, wrap
 from alignment.persona import checkpoint as ckpt
+from alignment.persona import models
 from alignment.persona.config import RESUME_MUTABLE, PersonaConfig
-from alignment.persona.data import load_examples, load_passages
+from alignment.persona.data import DataError, load_examples, load_passages
 from alignment.persona.evaluate import evaluate, format_records
 from alignment.persona.hashing import weights_hash
 from alignment.persona.index import load_index, load_or_build_index
 from alignment.persona.pipeline import Pipeline
-from alignment.persona.reader import FiDReader
-from alignment.persona.retriever import Retriever
 from alignment.persona.steps import Optim, distill_step, grpo_step, reinforce_step, sft_step
+from alignment.persona.vocab import warn_if_unknown
 from alignment.rng import rng_state, set_rng_state
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
+
+class RunExistsError(UserError, FileExistsError):
+    """The run folder already holds checkpoints and ``--resume`` was not given."""
+
+
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "fixed": "constant_with_warmup"}
 
 
-def _reader_source(path: str | Path) -> str:
-    """A checkpoint folder's ``reader/``, else the path or hub name itself."""
+def _reader_path(path: str | Path) -> str:
+    """A checkpoint folder's ``reader/``, else the path itself (a LAPDOG checkpoint, a T5, a hub name)."""
     p = Path(path)
     return str(p / "reader") if (p / "reader").is_dir() else str(path)
+
+
+def _saved_prefix(step_dir: Path) -> str | None:
+    """The decoder prefix one of our checkpoints was trained with (None before the option existed)."""
+    return ckpt.load_state(step_dir).get("target_prefix")
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,24 +78,37 @@ class PersonaTrainer:
         resume_dir = self._resume_dir(resume)
         start = ckpt.resolve_checkpoint(cfg.model_path) if cfg.model_path else None
         src = resume_dir or start
-        reader_path = str(src / "reader") if src else cfg.reader_model_type
-        retriever_path = str(src / "retriever") if src else cfg.retriever_model_path
+        reader_path = _reader_path(src) if src else cfg.reader_model_type
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed + self.dist.rank)
-        self.reader_tokenizer = AutoTokenizer.from_pretrained(reader_path)
-        self.retriever_tokenizer = AutoTokenizer.from_pretrained(retriever_path)
-        self.reader = FiDReader.from_pretrained(reader_path).to(device)
-        self.retriever = Retriever.from_pretrained(retriever_path).to(device)
         self.examples = load_examples(cfg.train_data)
         self.eval_examples = load_examples(cfg.eval_data, limit=cfg.eval_max_examples)
         self.passages = load_passages(cfg.passages)
+        self.reader, self.reader_tokenizer = models.load_reader(reader_path, cfg.reader_model_type)
+        self.retriever, self.retriever_tokenizer = models.load_retriever(
+            src or cfg.retriever_model_path, cfg.retriever_model_path
+        )
+        self.reader, self.retriever = self.reader.to(device), self.retriever.to(device)
+        saved_prefix = (
+            _saved_prefix(src) if src is not None and not models.is_lapdog_checkpoint(src) else None
+        )
+        self.target_prefix = models.resolve_target_prefix(cfg.target_prefix, start, saved_prefix)
+        self.reader.decoder_prefix = models.prefix_ids(self.reader_tokenizer, self.target_prefix)
+        if self.target_prefix:
+            logger.info("targets start with %r (ids %s), given, not sampled", self.target_prefix,
+                        self.reader.decoder_prefix)  # fmt: skip
+        if self.dist.is_main:
+            texts = [e.question for e in self.examples] + [a for e in self.examples for a in e.answers]
+            warn_if_unknown(self.reader_tokenizer, texts + [p.text for p in self.passages], reader_path)
         global_batch = cfg.per_gpu_batch_size * self.dist.world_size
         if len(self.examples) < global_batch:
-            raise ValueError(
+            raise DataError(
                 f"{cfg.train_data}: {len(self.examples)} rows, fewer than one batch ({global_batch})"
             )
         if cfg.retriever_n_context > len(self.passages):
-            raise ValueError(f"retriever_n_context {cfg.retriever_n_context} > {len(self.passages)} passages")
+            raise ConfigError(
+                f"retriever_n_context {cfg.retriever_n_context} > {len(self.passages)} passages"
+            )
 
         self.reader_optim = self._optim(self.reader, cfg.lr)
         self.retriever_optim = self._optim(self.retriever, cfg.lr_retriever) if cfg.train_retriever else None
@@ -100,15 +124,17 @@ class PersonaTrainer:
         self.reference, self.reference_info = None, None
         if cfg.reader_rl_learning:
             source = (state["reference"]["source"] if state else
-                      _reader_source(cfg.reference_model_path) if cfg.reference_model_path else
+                      _reader_path(cfg.reference_model_path) if cfg.reference_model_path else
                       reader_path)  # fmt: skip
-            self.reference = _frozen(FiDReader.from_pretrained(source).to(device))
+            reference, _ = models.load_reader(source, cfg.reader_model_type, "--reference_model_path")
+            reference.decoder_prefix = list(self.reader.decoder_prefix)  # the same conditional distribution
+            self.reference = _frozen(reference.to(device))
             digest = weights_hash(self.reference)
             if state and digest != state["reference"]["sha256"]:
-                raise ValueError(f"reference {source} changed since the run started (sha256 {digest[:12]}, "
+                raise ConfigError(f"reference {source} changed since the run started (sha256 {digest[:12]}, "
                                  f"was {state['reference']['sha256'][:12]})")  # fmt: skip
             if self.reference.config.vocab_size != self.reader.config.vocab_size:
-                raise ValueError(f"reference {source} has another vocabulary than the reader")
+                raise ConfigError(f"reference {source} has another vocabulary than the reader")
             self.reference_info = {"source": source, "sha256": digest}
             logger.info("reference model %s (frozen), sha256 %s", source, digest)
 
@@ -134,10 +160,10 @@ class PersonaTrainer:
         latest = ckpt.latest_checkpoint(self.cfg.run_dir)
         if resume:
             if latest is None:
-                raise FileNotFoundError(f"--resume: {self.cfg.run_dir} has no checkpoint/latest")
+                raise ConfigError(f"--resume: {self.cfg.run_dir} has no checkpoint/latest")
             return latest
         if latest is not None:
-            raise FileExistsError(f"{self.cfg.run_dir} already has checkpoints: pass --resume to continue it, "
+            raise RunExistsError(f"{self.cfg.run_dir} already has checkpoints: pass --resume to continue it, "
                                   "or choose another --name")  # fmt: skip
         return None
 
@@ -176,7 +202,7 @@ class PersonaTrainer:
                               + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))  # fmt: skip
         state = ckpt.load_state(step_dir)
         if state["world_size"] != self.dist.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{step_dir} was written by {state['world_size']} processes, not {self.dist.world_size}"
             )
         self.reader_optim.optimizer.load_state_dict(state["optimizers"]["reader"])
@@ -239,7 +265,7 @@ class PersonaTrainer:
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or stop after step ``stop_after``: an interruption, for tests)."""
         cfg = self.cfg
-        if self.step == 0:
+        if self.step == 0 and cfg.eval_at_start:
             self._evaluate()
         window: list[dict[str, float]] = []
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc=f"{cfg.stage} {cfg.name}",
@@ -303,6 +329,7 @@ class PersonaTrainer:
                 "optimizers": {k: o.optimizer.state_dict() for k, o in opts.items()},
                 "schedulers": {k: o.scheduler.state_dict() for k, o in opts.items()},
                 "reference": self.reference_info, "eval_history": self.eval_history, "rank_hashes": hashes,
+                "target_prefix": self.target_prefix,
             }  # fmt: skip
             path = ckpt.save_checkpoint(self.cfg.run_dir, self.step, self.reader, self.reader_tokenizer,
                                         self.retriever, self.retriever_tokenizer, self.cfg, state)  # fmt: skip

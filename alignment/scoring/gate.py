@@ -4,8 +4,12 @@ barrier that turns every unexpected exception into an answer.
 :class:`RequestGate` checks, in this order and before reading a byte of the body: the method (405
 with ``Allow``), the bearer token (401), the declared body size (413); then it reads the body with
 a size limit (413) and a deadline (408: a body shorter than its ``Content-Length`` never stalls the
-service), and hands the complete body to the app. A request rejected before its body was read is
+service), and hands the complete body to the app as one ``bytearray`` (which the app may empty to
+free it early; nothing else keeps a reference). A request rejected before its body was read is
 answered with ``Connection: close``, so an unauthenticated 57 MB upload is not read at all.
+
+:func:`unless_disconnected` runs a route's work until the client hangs up, then cancels it
+(:class:`ClientGone`: the route answers 499, which nobody reads and ``/metrics`` counts apart).
 
 :class:`ErrorBarrier` answers a JSON 500 for any exception from the app and does not re-raise it:
 an exception that reaches the server closes the keep-alive connection, which other well-behaved
@@ -15,12 +19,14 @@ requests of that client then see as ``Connection reset by peer``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("alignment.scoring.service")
@@ -107,17 +113,19 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         body = await self._read_body(receive, send)
-        if body is not None:
-            await self.app(scope, _replay(body, receive), send)
+        if body is None:
+            return
+        replay = _replay(body, receive)
+        del body  # the app's to keep or free
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send, size: int) -> None:
         message = f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes"
         await send_json(send, 413, {"error": message}, close=True)
 
-    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+    async def _read_body(self, receive: Receive, send: Send) -> bytearray | None:
         """The whole body, or None once an answer (408, 413) was sent or the client left."""
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()  # grown in place: no list of chunks joined into a second copy at the end
         deadline = time.monotonic() + self.body_timeout
         while True:
             try:
@@ -133,27 +141,57 @@ class RequestGate:
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(send, size)
+            if len(body) + len(chunk) > self.max_body_bytes:
+                await self._too_large(send, len(body) + len(chunk))
                 return None
-            chunks.append(chunk)
+            body += chunk
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return body
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the body once, then what the server says (e.g. a disconnect)."""
-    sent = False
+def _replay(body: bytearray, receive: Receive) -> Receive:
+    """A ``receive`` that yields the body once, then what the server says (e.g. a disconnect);
+    it keeps no reference to the body once given."""
+    held: list[bytearray] = [body]
+    del body
 
     async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if held:
+            return {"type": "http.request", "body": held.pop(), "more_body": False}
         return await receive()
 
     return replay
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before its answer was ready."""
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """The result of ``work``; cancels it (dropping its queued items) when the client hangs up.
+
+    ``task.cancel()`` only asks: the task is not cancelled until it next runs, so the hang-up is
+    decided by which of the two finished, never by ``task.cancelled()`` right after asking (which
+    was still False, so ``task.result()`` raised and a hang-up was answered and counted as 500).
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # its cleanup (dropping queued items, stopping its tokenisation) runs now
+    if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+        raise ClientGone()
+    return task.result()
 
 
 class ErrorBarrier:

@@ -15,7 +15,12 @@ class ScorerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("scorer_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "scorer_requests",
+            "HTTP requests by status; 499: the client hung up first",
+            ["route", "status"],
+            registry=r,
+        )
         self.items = Counter("scorer_items", "texts scored", registry=r)
         self.truncated = Counter("scorer_truncated_items", "texts truncated to --max-length", registry=r)
         self.dropped = Counter(
@@ -29,12 +34,15 @@ class ScorerMetrics:
         )
         self.merged_batch_size = Histogram(
             "scorer_merged_batch_items",
-            "texts per merged batch (a step of the scheduler: all requests scored together)",
+            "texts per step of the scheduler (one forward pass of each model over the requests merged in it)",
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
         self.requests_per_batch = Histogram(
-            "scorer_requests_per_batch", "requests merged into one batch", buckets=_SIZE_BUCKETS, registry=r
+            "scorer_requests_per_batch",
+            "requests whose first texts a step scores (the sum counts each request once)",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
         )
         self.forward_batch_size = Histogram(
             "scorer_forward_batch_rows", "rows per model forward pass", buckets=_SIZE_BUCKETS, registry=r
@@ -47,7 +55,7 @@ class ScorerMetrics:
         )
         self.forward_time = Histogram(
             "scorer_forward_seconds",
-            "model time per merged batch (both models)",
+            "model time per step (both models)",
             buckets=_TIME_BUCKETS,
             registry=r,
         )

@@ -1,6 +1,10 @@
 """The scorer's wire format: request and response models, and an OpenAPI document that says what the
 service really answers (every status, the error body, the bearer scheme, text/plain metrics, the
-request limits of this instance)."""
+request limits of this instance).
+
+The scoring routes parse their bodies themselves (:mod:`alignment.scoring.body`, to bound the
+memory a body takes), so their request bodies are declared here (:func:`request_body`), not
+inferred by FastAPI from the route's signature."""
 
 from __future__ import annotations
 
@@ -66,6 +70,21 @@ def _err(description: str, retry_after: bool = False) -> dict[str, Any]:
     return out
 
 
+# Every route's body is read under the gate's limits (alignment.scoring.gate), GETs included: a
+# declared Content-Length over --max-body-mb is 413 and a body that does not arrive in time is 408.
+_BODY_LIMITS: dict[int | str, dict[str, Any]] = {
+    408: _err("a body was announced and did not arrive in time"),
+    413: _err("the announced body exceeds this service's limit"),
+}
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ScoreRequest, ScoreTextsRequest)
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that parses a ``model`` JSON body itself."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def score_responses(auth: bool) -> dict[int | str, dict[str, Any]]:
     """What ``/score`` and ``/score_texts`` answer besides 200."""
     out: dict[int | str, dict[str, Any]] = {
@@ -86,7 +105,8 @@ def metrics_responses(auth: bool) -> dict[int | str, dict[str, Any]]:
         200: {
             "description": "Prometheus text format",
             "content": {"text/plain": {"schema": {"type": "string"}}},
-        }
+        },
+        **_BODY_LIMITS,
     }
     if auth:
         out[401] = _err("missing or wrong bearer token")
@@ -94,7 +114,8 @@ def metrics_responses(auth: bool) -> dict[int | str, dict[str, Any]]:
 
 
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    503: {"model": HealthBody, "description": "the scorer cannot score (its batch loop stopped)"}
+    503: {"model": HealthBody, "description": "the scorer cannot score (its batch loop stopped)"},
+    **_BODY_LIMITS,
 }
 
 
@@ -106,6 +127,8 @@ def install_openapi(app: FastAPI, auth: bool, max_items: int, max_text_chars: in
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, fields in (("ScoreRequest", ("prompts", "responses")), ("ScoreTextsRequest", ("texts",))):
             for field in fields:
                 prop = schemas[name]["properties"][field]

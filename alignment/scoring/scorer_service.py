@@ -3,8 +3,10 @@
     python -m alignment.scoring.scorer_service --reward-model PATH --cost-model PATH [--port 0]
 
 Routes (see ARCHITECTURE.md): ``GET /health``, ``POST /score``, ``POST /score_texts``, ``GET /metrics``.
-Each request is tokenised on arrival and queued; :class:`~alignment.scoring.scheduler.BatchScheduler`
-merges the queued work of all callers into length-sorted, token-budgeted forward passes. Once the
+Each request's body is parsed within bounds (:mod:`~alignment.scoring.body`), tokenised in slices
+that take turns with other requests' (:class:`~alignment.scoring.encoder_pool.EncoderPool`) and
+queued slice by slice; :class:`~alignment.scoring.scheduler.BatchScheduler` merges the queued work
+of all callers into length-sorted, token-budgeted forward passes. Once the
 models are loaded and the socket listens, the service writes its reachable address (and bearer
 token, if any) to the address file, which :class:`~alignment.scoring.client.ScorerClient` reads when
 given ``url="auto"``. Listening beyond loopback without ``--token`` generates a token.
@@ -19,8 +21,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -36,9 +37,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignment.conversation import scoring_text
+from alignment.scoring import heap
 from alignment.scoring.address import default_address_file, remove_address_file, write_address_file
-from alignment.scoring.batcher import BatchStats, Encoded, RewardCostScorer, TextEncodingError
-from alignment.scoring.gate import ErrorBarrier, RequestGate
+from alignment.scoring.batcher import BatchStats, Encoded, RewardCostScorer, TextEncodingError, plan_forwards
+from alignment.scoring.body import max_values_for, parse_request
+from alignment.scoring.encoder_pool import EncoderPool
+from alignment.scoring.gate import ClientGone, ErrorBarrier, RequestGate, unless_disconnected
 from alignment.scoring.limits import ApiError, RequestLimits, check_texts
 from alignment.scoring.metrics import RequestCounter, ScorerMetrics
 from alignment.scoring.scheduler import BatchScheduler, QueueFull, SchedulerStopped
@@ -52,6 +56,7 @@ from alignment.scoring.schema import (
     ScoreTextsRequest,
     install_openapi,
     metrics_responses,
+    request_body,
     score_responses,
 )
 from alignment.scoring.score_model import load_score_model
@@ -68,28 +73,25 @@ from alignment.scoring.settings import ServiceSettings, parse_args
 logger = logging.getLogger("alignment.scoring.service")
 
 
-class _ClientGone(Exception):
-    """The caller closed its connection before its answer was ready."""
+# Bodies this big are parsed in a worker thread (not on the event loop), and the heap is trimmed
+# once the request's intermediates are gone (alignment.scoring.heap).
+BIG_BODY_BYTES = 1 << 20
+HANG_UP = 499  # nginx's "client closed request": answered to nobody, counted apart in /metrics
 
 
-async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class _Templated(Sequence[str]):
+    """``scoring_text(prompts[i], responses[i], eos)``, made when asked for (a slice at a time)."""
 
+    def __init__(self, prompts: list[str], responses: list[str], eos: str) -> None:
+        self.prompts, self.responses, self.eos = prompts, responses, eos
 
-async def _unless_disconnected(request: Request, work: Awaitable):
-    """The result of ``work``; cancels it (dropping its queued items) when the client hangs up."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise _ClientGone()
-    return task.result()
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return scoring_text(self.prompts[index], self.responses[index], self.eos)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: object) -> JSONResponse:
@@ -101,7 +103,7 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
     metrics = ScorerMetrics()
     limits = RequestLimits(settings.max_items, settings.max_text_chars)
     token = settings.token
-    tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    encoder = EncoderPool(scorer.encode_texts, threads=settings.tokenizer_threads)
 
     def score_step(items: list[Encoded]) -> list[tuple[float, float]]:
         stats = BatchStats()
@@ -113,6 +115,9 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
         score_step,
         max_rows=settings.max_batch_size,
         max_tokens=scorer.max_batch_tokens,
+        plan=lambda lengths: plan_forwards(
+            lengths, scorer.max_batch_size, scorer.max_batch_tokens, scorer.max_padding
+        ),
         max_wait_s=settings.max_wait_ms / 1000.0,
         merge=settings.batching,
         max_queue_items=settings.max_queue_items,
@@ -127,7 +132,7 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
             yield
         finally:
             await scheduler.stop()
-            tokenizer_pool.shutdown(wait=False)
+            encoder.shutdown()
 
     app = FastAPI(title="Beaver reward/cost scorer", version="1.0", lifespan=lifespan)
     install_openapi(app, token is not None, settings.max_items, settings.max_text_chars)
@@ -169,34 +174,76 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
             message = "request body could not be parsed: it must be UTF-8 encoded JSON"
         return _error(exc.status_code, message, getattr(exc, "headers", None))
 
-    async def run(request: Request, texts: list[str], name: Callable[[int], str]) -> ScoreResponse | Response:
-        if not texts:
-            return ScoreResponse(rewards=[], costs=[], truncated=[])
+    def parse(body: bytearray, content_type: str | None, model: type[ScoreRequest] | type[ScoreTextsRequest]):
+        """The parsed, validated and limit-checked body: (texts, name of item i). Empties ``body``."""
+        try:
+            req = parse_request(body, content_type, model, max_values_for(model, settings.max_items))
+        finally:
+            body.clear()  # also when it was refused before being decoded
+        if isinstance(req, ScoreRequest):
+            if len(req.prompts) != len(req.responses):
+                raise ApiError(
+                    422, f"prompts and responses differ in length: {len(req.prompts)} != {len(req.responses)}"
+                )
+            check_texts(limits, "prompts", req.prompts)
+            check_texts(limits, "responses", req.responses)
+            texts: Sequence[str] = _Templated(req.prompts, req.responses, scorer.eos_token)
+            return texts, lambda i: f"prompts[{i}]/responses[{i}]"
+        check_texts(limits, "texts", req.texts)
+        return req.texts, lambda i: f"texts[{i}]"
+
+    async def score_all(texts: Sequence[str], truncated: list[int], big: bool) -> list[tuple[float, float]]:
+        async def parts() -> AsyncIterator[tuple[list[Encoded], list[int]]]:
+            async for offset, items in encoder.parts(texts):
+                truncated.extend(offset + i for i, it in enumerate(items) if it.truncated)
+                yield items, [it.length for it in items]
+            if big:  # the body, its text and the request's strings are gone: give the memory back
+                await asyncio.get_running_loop().run_in_executor(None, heap.release)
+
+        return await scheduler.submit_parts(len(texts), parts())
+
+    async def handle(request: Request, model: type[ScoreRequest] | type[ScoreTextsRequest]):
+        body = bytearray()
+        async for chunk in request.stream():  # the gate's one bytearray (or nothing)
+            body = chunk if isinstance(chunk, bytearray) and not body else body + chunk
+            del chunk
+        big = len(body) >= BIG_BODY_BYTES
         loop = asyncio.get_running_loop()
         try:
-            items = await loop.run_in_executor(tokenizer_pool, scorer.encode_texts, texts)
-        except TextEncodingError as exc:
-            raise ApiError(422, f"{name(exc.index)} cannot be tokenised: {exc.reason}") from None
-        try:
-            results = await _unless_disconnected(
-                request, scheduler.submit(items, [it.length for it in items])
-            )
-        except _ClientGone:
-            return Response(status_code=499)  # nobody reads it; counted in /metrics
-        except QueueFull as exc:
-            raise ApiError(503, f"{exc}; retry later", {"Retry-After": str(exc.retry_after)}) from None
-        except SchedulerStopped as exc:
-            raise ApiError(503, f"the scorer cannot score: {exc}") from None
-        except Exception as exc:  # this request's own failure (the scheduler isolated it)
-            raise ApiError(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
+            content_type = request.headers.get("content-type")
+            if big:
+                texts, name = await loop.run_in_executor(None, parse, body, content_type, model)
+            else:
+                texts, name = parse(body, content_type, model)
+            del body  # emptied by parse; dropped here
+            if not len(texts):
+                return ScoreResponse(rewards=[], costs=[], truncated=[])
+            n, truncated = len(texts), []
+            work = score_all(texts, truncated, big)
+            del texts  # the tokenising slices hold them until the last slice is done
+            try:
+                results = await unless_disconnected(request, work)
+            except ClientGone:
+                return Response(status_code=HANG_UP)  # nobody reads it; counted apart in /metrics
+            except TextEncodingError as exc:
+                raise ApiError(422, f"{name(exc.index)} cannot be tokenised: {exc.reason}") from None
+            except QueueFull as exc:
+                raise ApiError(503, f"{exc}; retry later", {"Retry-After": str(exc.retry_after)}) from None
+            except SchedulerStopped as exc:
+                raise ApiError(503, f"the scorer cannot score: {exc}") from None
+            except Exception as exc:  # this request's own failure (the scheduler isolated it)
+                raise ApiError(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
+        except (ApiError, RequestValidationError):
+            if big:  # a big body that was refused: it and its parse are gone too
+                await loop.run_in_executor(None, heap.release)
+            raise
         bad = [i for i, (r, c) in enumerate(results) if not (math.isfinite(r) and math.isfinite(c))]
         if bad:
             raise ApiError(500, f"the models produced non-finite scores for items {bad[:10]}")
-        truncated = [i for i, it in enumerate(items) if it.truncated]
-        metrics.items.inc(len(texts))
+        metrics.items.inc(n)
         metrics.truncated.inc(len(truncated))
         return ScoreResponse(
-            rewards=[r for r, _ in results], costs=[c for _, c in results], truncated=truncated
+            rewards=[r for r, _ in results], costs=[c for _, c in results], truncated=sorted(truncated)
         )
 
     @app.get("/health", response_model=HealthBody, responses=HEALTH_RESPONSES)
@@ -218,22 +265,23 @@ def create_app(scorer: RewardCostScorer, settings: ServiceSettings, device: str 
 
     auth = token is not None
 
-    @app.post("/score", response_model=ScoreResponse, responses=score_responses(auth))
-    async def score(req: ScoreRequest, request: Request):
-        if len(req.prompts) != len(req.responses):
-            raise ApiError(
-                422, f"prompts and responses differ in length: {len(req.prompts)} != {len(req.responses)}"
-            )
-        check_texts(limits, "prompts", req.prompts)
-        check_texts(limits, "responses", req.responses)
-        eos = scorer.eos_token
-        texts = [scoring_text(p, r, eos) for p, r in zip(req.prompts, req.responses, strict=True)]
-        return await run(request, texts, lambda i: f"prompts[{i}]/responses[{i}]")
+    @app.post(
+        "/score",
+        response_model=ScoreResponse,
+        responses=score_responses(auth),
+        openapi_extra=request_body(ScoreRequest),
+    )
+    async def score(request: Request):
+        return await handle(request, ScoreRequest)
 
-    @app.post("/score_texts", response_model=ScoreResponse, responses=score_responses(auth))
-    async def score_texts(req: ScoreTextsRequest, request: Request):
-        check_texts(limits, "texts", req.texts)
-        return await run(request, req.texts, lambda i: f"texts[{i}]")
+    @app.post(
+        "/score_texts",
+        response_model=ScoreResponse,
+        responses=score_responses(auth),
+        openapi_extra=request_body(ScoreTextsRequest),
+    )
+    async def score_texts(request: Request):
+        return await handle(request, ScoreTextsRequest)
 
     @app.get("/metrics", response_class=Response, responses=metrics_responses(auth))
     async def prometheus() -> Response:

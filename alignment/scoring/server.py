@@ -8,8 +8,13 @@ for ever, normal requests timed out and every failed ``accept`` was logged. Here
 - a connection that has not completed its request headers ``header_timeout`` seconds after it
   opened (or after its first byte following the previous response) is closed;
 - beyond ``max_connections`` open connections (by default a third of the file-descriptor limit,
-  which is first raised to the hard limit), the longest-idle connection (no request in progress)
-  is closed to make room; if every connection is busy, the new one is closed;
+  which is first raised to the hard limit), one is closed to make room: a connection stalled
+  mid-request (part of a request sent, then silence for ``STALL_S``) if there is one, else any
+  connection without a complete request (idle, or still sending one), the longest silent first
+  either way. A connection whose request is complete (being scored or answered) is never closed;
+  if every one is, the new connection is. 1,100 sockets that sent half a body and stalled used to
+  count as busy, so new connections were refused and 310 of 3,643 normal requests failed; now
+  each new connection pushes out a stalled one;
 - each log line is let through at most a few times a minute (:class:`RepeatFilter`).
 """
 
@@ -27,6 +32,8 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 logger = logging.getLogger("alignment.scoring.service")
+
+STALL_S = 1.0  # a connection silent this long in the middle of a request is stalled
 
 
 def is_loopback(host: str) -> bool:
@@ -85,16 +92,26 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type:
     class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._opened = time.monotonic()
+            self._opened = self._heard = time.monotonic()
+            self._partial = False  # bytes of a request not yet complete have arrived
             self._header_timer = None
             self._arm_header_deadline()
             if len(self.connections) > max_connections:
                 self._make_room()
 
         def data_received(self, data: bytes) -> None:
+            self._heard = time.monotonic()
+            idle = self._idle()
             super().data_received(data)
+            if idle:
+                self._partial = True
             if self._header_timer is None and self._idle():
                 self._arm_header_deadline()  # the first bytes of a next request
+
+        def on_response_complete(self) -> None:
+            self._partial = False
+            self._heard = time.monotonic()
+            super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._header_timer is not None:
@@ -105,6 +122,13 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type:
         def _idle(self) -> bool:
             cycle = self.cycle
             return cycle is None or cycle.response_complete
+
+        def _state(self) -> str:
+            """ "answering" (the request is complete), "sending" (part of one arrived) or "idle"."""
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                return "sending" if cycle.more_body else "answering"
+            return "sending" if self._partial else "idle"
 
         def _arm_header_deadline(self) -> None:
             armed_for = self.cycle
@@ -120,16 +144,30 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type:
             self._header_timer = self.loop.call_later(header_timeout, expire)
 
         def _make_room(self) -> None:
-            idle = [c for c in self.connections if c is not self and getattr(c, "_idle", lambda: False)()]
-            if idle:
-                victim = min(idle, key=lambda c: getattr(c, "_opened", 0.0))
-                logger.warning("%d connections open (limit %d): closing the longest idle one",
+            now = time.monotonic()
+            victim, victim_rank = None, (2, 0.0)
+            for c in self.connections:
+                if c is self or not hasattr(c, "_heard") or c.transport.is_closing():
+                    continue
+                state = c._state()
+                if state == "answering":
+                    continue
+                silent = now - c._heard
+                rank = (0 if state == "sending" and silent >= STALL_S else 1, -silent)
+                if rank < victim_rank:
+                    victim, victim_rank = c, rank
+            if victim is None:
+                logger.warning("%d connections open (limit %d), all answering: refusing a new one",
+                               len(self.connections), max_connections)  # fmt: skip
+                self.transport.close()
+            elif victim_rank[0] == 0:
+                logger.warning("%d connections open (limit %d): closing the one stalled longest mid-request",
                                len(self.connections), max_connections)  # fmt: skip
                 victim.transport.close()
             else:
-                logger.warning("%d connections open (limit %d), all busy: refusing a new one",
+                logger.warning("%d connections open (limit %d): closing the longest silent one",
                                len(self.connections), max_connections)  # fmt: skip
-                self.transport.close()
+                victim.transport.close()
 
     return GuardedHTTPProtocol
 

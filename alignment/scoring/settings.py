@@ -34,6 +34,7 @@ class ServiceSettings:
     max_connections: int | None = None
     access_log: bool = False
     num_threads: int | None = None
+    tokenizer_threads: int = 2
 
 
 def _positive(kind: type):
@@ -146,6 +147,12 @@ def parse_args(
         default=None,
         help="torch CPU threads (default torch's choice); on a CPU host shared with "
         "generation engines give the scorer its own share of cores",
+    )
+    p.add_argument(
+        "--tokenizer-threads",
+        type=_positive(int),
+        default=2,
+        help="threads tokenising requests, in slices that take turns between requests (default 2)",
     )
     a = p.parse_args(argv)
     if not 0.0 <= a.max_padding < 1.0:
