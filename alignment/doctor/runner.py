@@ -82,8 +82,10 @@ def run_check(name: str, ctx: Context, limit_s: float) -> CheckResult:
         popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             code = popen.wait(limit_s)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:  # over the limit, or interrupted: stop the check and what it started
             _stop_group(popen)
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
             reason = f"stopped after its limit of {limit_s:g} s (--limit {name}=SECONDS); log: {log_file}"
             return CheckResult(name, spec.title, "timed out", time.perf_counter() - t0, limit_s, reason,
                                data={"pid": popen.pid})  # fmt: skip
