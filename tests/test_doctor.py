@@ -182,3 +182,38 @@ def test_each_check_sees_the_gpus_it_should():
     assert (
         child_env(CHECKS["es"], cpu, job)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and job["PATH"] == "/bin"
     )
+
+
+def test_sigterm_stops_the_running_check_and_what_it_started(toy_models: Path, tmp_path: Path):
+    """kill / scancel (SIGTERM) during the scorer check: the doctor exits, and neither the check's
+    process (a session of its own) nor the scorer it started is left running."""
+    import signal
+    import time
+
+    def ours() -> list[int]:  # processes whose command line names this test's folder
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and str(tmp_path) in (proc / "cmdline").read_text(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "alignment.doctor", "--device", "cpu", "--only", "scorer", "--models-dir",
+           str(toy_models), "--out-dir", str(tmp_path / "logs")]  # fmt: skip
+    parent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        scorer_logs = tmp_path / "logs" / "scorer"
+        while not list(scorer_logs.glob("scorer-*.log")):  # wait until the check has started a scorer
+            assert parent.poll() is None and time.monotonic() < deadline, "no scorer was started"
+            time.sleep(0.2)
+        assert len(ours()) >= 3  # the doctor, the check, the scorer
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(60) == 128 + signal.SIGTERM
+        assert ours() == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -22,6 +22,7 @@ built on the GPU into --models-dir and reused; the 7b shape is refused on a CPU.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 from alignment import cli
@@ -41,6 +42,11 @@ def _limits(items: list[str]) -> dict[str, float]:
         if out[name] <= 0:
             raise cli.UserError(f"--limit {item!r}: seconds must be > 0")
     return out
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (kill, scancel) unwinds like Ctrl-C: the running check and the scorer are stopped too."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             "--reward-model and --cost-model go together (or neither: generated score models)"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
     opts = Options(
         device=a.device, policy_shape=a.policy_shape, policy=a.policy, reward_model=a.reward_model,
         cost_model=a.cost_model, score_shape=a.score_shape, quick=a.quick, models_dir=str(a.models_dir),
