@@ -57,6 +57,7 @@ docs: setup
 
 bench: setup
 	$(OFFLINE) $(PY) bench/scorer_throughput.py
+	$(OFFLINE) $(PY) bench/scorer_replicas.py
 	$(OFFLINE) $(PY) bench/scorer_latency.py
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py --noise lowrank
