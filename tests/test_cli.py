@@ -82,6 +82,9 @@ USER_ERRORS: list[tuple[str, list[str], str]] = [
     ("alignment.persona.recipe", ["--prepared", "{tmp}/none", "--data", "{tmp}/none.jsonl"], "no such data file"),
     ("alignment.persona.toy", ["--seed", "x"], "invalid int value"),
     ("alignment.persona.demo", ["--models-dir"], "expected one argument"),
+    # doctor
+    ("alignment.doctor", ["--device", "cpu", "--policy-shape", "7b"], "the 7b shape is built on a GPU only"),
+    ("alignment.doctor", ["--limit", "es=soon"], "expected CHECK=SECONDS"),
 ]  # fmt: skip
 CLIS = sorted({module for module, _, _ in USER_ERRORS})
 
