@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
-# The scorer service (Beaver reward + cost models on one GPU) as its own job. Start it first: once
-# it listens it writes its reachable address to SCORER_ADDRESS_FILE, where trainers find it.
+# The scorer service (Beaver reward + cost models) as its own job: R replicas, one per GPU, on one
+# or several nodes. Start it first: each replica, once it listens, writes its reachable address
+# into SCORER_ADDRESS_DIR, where trainers given `--scorer_url auto` find every healthy replica.
 #
-#   sbatch slurm/run_scorer_service.sh                  # on the cluster (mkdir -p logs first)
-#   bash slurm/run_scorer_service.sh                    # here and now; Ctrl-C stops it
-#   bash slurm/run_scorer_service.sh --access-log       # arguments go to the service as extra flags
+#   sbatch slurm/run_scorer_service.sh                                   # 1 replica, 1 GPU
+#   sbatch --gres=gpu:4 slurm/run_scorer_service.sh                      # 4 replicas on one node
+#   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 --mem=256G slurm/run_scorer_service.sh
+#                                                    # 8 replicas on 2 nodes: srun, one per task
+#   bash slurm/run_scorer_service.sh                 # here and now; Ctrl-C stops it
+#   bash slurm/run_scorer_service.sh --access-log    # arguments go to the service as extra flags
+#
+# Replicas: inside a job of several tasks, srun starts one replica per task (--kill-on-bad-exit=0:
+# one that dies leaves the others serving); each takes the GPU of its local rank when the task
+# sees several, and port SCORER_PORT + local rank. Otherwise the service's own --replicas starts
+# them on this node, one per visible GPU (on CPU each gets its share of the cores). Replicas on
+# other nodes must see the same SCORER_ADDRESS_DIR (a shared file system, as logs/ usually is).
 #
 # Settings (environment variables, with their defaults):
 #   REWARD_MODEL=PKU-Alignment/beaver-7b-unified-reward   path or hub name
 #   COST_MODEL=PKU-Alignment/beaver-7b-unified-cost       path or hub name
+#   SCORER_REPLICAS=<tasks of the job if several, else visible GPUs, at least 1>
 #   SCORER_HOST=0.0.0.0                                   interface to listen on
-#   SCORER_PORT=8000                                      0 picks a free port (published in the file)
-#   SCORER_ADDRESS_FILE=logs/scorer_address.json          where the address is published
+#   SCORER_PORT=8000                                      replica k of a node: +k; 0 picks free ports
+#   SCORER_ADDRESS_DIR=logs/scorers                       one address file per replica
+#   SCORER_ADDRESS_FILE=""                                one replica only: publish in this file
+#                                                         (a directory, or ending in /: as ..._DIR)
 #   SCORER_DTYPE=<bf16 if a GPU is visible, else auto>    auto, bf16, fp16, fp32
 #   SCORER_MAX_BATCH_SIZE=32                              rows per forward pass
 #   SCORER_TOKEN=""                                       if set, clients must send this bearer token;
-#                                                         if not, a non-loopback SCORER_HOST makes the
-#                                                         service generate one into the address file
+#                                                         if not, a non-loopback SCORER_HOST makes each
+#                                                         replica generate one into its address file
 #                                                         (mode 0600), where trainers read it
 #                                                         (--insecure-no-token as an extra flag: none)
 #   LOG_DIR=logs                                          log: $LOG_DIR/scorer_service_<job id|local>.log
@@ -24,7 +37,7 @@
 #
 #SBATCH --job-name=scorer
 #SBATCH --nodes=1
-#SBATCH --ntasks=1
+#SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=64G
@@ -51,7 +64,12 @@ REWARD_MODEL="${REWARD_MODEL:-PKU-Alignment/beaver-7b-unified-reward}"
 COST_MODEL="${COST_MODEL:-PKU-Alignment/beaver-7b-unified-cost}"
 SCORER_HOST="${SCORER_HOST:-0.0.0.0}"
 SCORER_PORT="${SCORER_PORT:-8000}"
-SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
+SCORER_ADDRESS_DIR="${SCORER_ADDRESS_DIR:-logs/scorers}"
+SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-}"
+if [[ -n "${SCORER_ADDRESS_FILE}" && ( -d "${SCORER_ADDRESS_FILE}" || "${SCORER_ADDRESS_FILE}" == */ ) ]]; then
+    SCORER_ADDRESS_DIR="${SCORER_ADDRESS_FILE}"  # the trainers' variable naming the directory
+    SCORER_ADDRESS_FILE=""
+fi
 if [[ -z "${SCORER_DTYPE:-}" ]]; then
     if (($(visible_gpus) >= 1)); then SCORER_DTYPE=bf16; else SCORER_DTYPE=auto; fi
 fi
@@ -60,23 +78,66 @@ LOG_DIR="${LOG_DIR:-logs}"
 # The service reads the token from $SCORER_TOKEN itself: it never appears on a command line.
 export SCORER_TOKEN="${SCORER_TOKEN:-}"
 [[ -n "${SCORER_TOKEN}" ]] || unset SCORER_TOKEN
+if ! [[ "${SCORER_PORT}" =~ ^[0-9]+$ ]]; then
+    log "SCORER_PORT must be a port number, got '${SCORER_PORT}'"
+    exit 2
+fi
 
+service=("${python_bin}" -m alignment.scoring.scorer_service
+    --reward-model "${REWARD_MODEL}" --cost-model "${COST_MODEL}" --host "${SCORER_HOST}"
+    --dtype "${SCORER_DTYPE}" --max-batch-size "${SCORER_MAX_BATCH_SIZE}")
 
-mkdir -p "${LOG_DIR}" "$(dirname "${SCORER_ADDRESS_FILE}")"
+# One srun task = one replica: its own GPU when the task sees several, its own port on the node.
+if [[ "${SCORER_REPLICA_TASK:-}" == 1 ]]; then
+    rank="${SLURM_LOCALID:-0}"
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" == *,* ]]; then
+        IFS=',' read -r -a ids <<<"${CUDA_VISIBLE_DEVICES}"
+        export CUDA_VISIBLE_DEVICES="${ids[rank % ${#ids[@]}]}"
+    fi
+    port=$((SCORER_PORT ? SCORER_PORT + rank : 0))
+    log "replica ${SLURM_PROCID:-0} on $(hostname -s): port ${port}, GPU ${CUDA_VISIBLE_DEVICES:-none}"
+    exec "${service[@]}" --port "${port}" --address-dir "${SCORER_ADDRESS_DIR}" "$@"
+fi
+
+tasks="${SLURM_NTASKS:-1}"
+if [[ -z "${SCORER_REPLICAS:-}" && -n "${SLURM_JOB_ID:-}" ]] && ((tasks > 1)); then
+    SCORER_REPLICAS="${tasks}"
+fi
+process_count SCORER_REPLICAS
+if [[ -n "${SCORER_ADDRESS_FILE}" ]] && ((SCORER_REPLICAS > 1)); then
+    log "SCORER_ADDRESS_FILE holds one replica's address; for ${SCORER_REPLICAS} replicas unset it" \
+        "and use SCORER_ADDRESS_DIR (default logs/scorers)"
+    exit 2
+fi
+
+mkdir -p "${LOG_DIR}" "${SCORER_ADDRESS_DIR}"
 log_file="${LOG_DIR}/scorer_service_${SLURM_JOB_ID:-local}.log"
+if [[ -n "${SCORER_ADDRESS_FILE}" ]]; then
+    mkdir -p "$(dirname "${SCORER_ADDRESS_FILE}")"
+    where=(--address-file "${SCORER_ADDRESS_FILE}")
+else
+    where=(--address-dir "${SCORER_ADDRESS_DIR}")
+fi
 
-cmd=("${python_bin}" -m alignment.scoring.scorer_service
-    --reward-model "${REWARD_MODEL}" --cost-model "${COST_MODEL}"
-    --host "${SCORER_HOST}" --port "${SCORER_PORT}" --address-file "${SCORER_ADDRESS_FILE}"
-    --dtype "${SCORER_DTYPE}" --max-batch-size "${SCORER_MAX_BATCH_SIZE}" "$@")
-log "reward=${REWARD_MODEL} cost=${COST_MODEL} port=${SCORER_PORT} dtype=${SCORER_DTYPE}" \
+if [[ -n "${SLURM_JOB_ID:-}" ]] && ((tasks > 1)); then
+    # srun forwards scancel's SIGTERM to every replica; each removes its own address file.
+    export SCORER_REPLICA_TASK=1
+    cmd=(srun --ntasks="${SCORER_REPLICAS}" --kill-on-bad-exit=0 --wait=0 --label
+        bash slurm/run_scorer_service.sh "$@")
+    placement="srun: one replica per task on ${SLURM_JOB_NUM_NODES:-1} node(s)"
+else
+    cmd=("${service[@]}" --port "${SCORER_PORT}" "${where[@]}" --replicas "${SCORER_REPLICAS}" "$@")
+    placement="this node ($(visible_gpus) GPU(s) visible)"
+fi
+log "reward=${REWARD_MODEL} cost=${COST_MODEL} replicas=${SCORER_REPLICAS} on ${placement}" \
+    "port=${SCORER_PORT} dtype=${SCORER_DTYPE}" \
     "auth=$([[ -n "${SCORER_TOKEN:-}" ]] && echo SCORER_TOKEN || echo "generated unless loopback")"
-log "address file ${SCORER_ADDRESS_FILE}; log ${log_file}"
+log "address ${SCORER_ADDRESS_FILE:-directory ${SCORER_ADDRESS_DIR}}; log ${log_file}"
 log "running: ${cmd[*]}"
 
 # Output goes to the log file and to stdout (the SLURM output file) through tee, in a process
 # substitution so that exec still replaces this shell: SIGTERM (scancel, Ctrl-C) reaches the
-# service, which shuts down and removes its address file. tee ignores those signals, so it keeps
-# recording the shutdown and ends when the service closes its output.
+# service (or srun), which shuts down and removes the address files. tee ignores those signals,
+# so it keeps recording the shutdown and ends when the service closes its output.
 exec > >(trap '' TERM INT HUP && exec tee -a "${log_file}") 2>&1
 exec "${cmd[@]}"

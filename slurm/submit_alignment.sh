@@ -10,7 +10,8 @@
 # (REWARD_MODEL, POLICY_MODEL_PATH, ...) reaches the jobs, since sbatch exports it by default:
 #   TRAINER=es                                       es: slurm/train_accl_alignment_api.sh,
 #                                                    grpo: alignment/grpo/run_grpo_alignment.sh
-#   SCORER_ADDRESS_FILE=logs/scorer_address.json     shared by both jobs
+#   SCORER_ADDRESS_FILE=logs/scorers/                shared by both jobs
+#                                                    (the replicas' address directory, or one address file)
 #   SBATCH_ARGS=""                                   extra sbatch flags for both jobs (--account=...)
 #   SCORER_SBATCH_ARGS="" TRAINER_SBATCH_ARGS=""     extra sbatch flags for one of them
 
@@ -37,7 +38,7 @@ grpo) trainer_script="alignment/grpo/run_grpo_alignment.sh" ;;
     exit 2
     ;;
 esac
-export SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
+export SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorers/}"
 read -r -a common <<<"${SBATCH_ARGS:-}"
 read -r -a scorer_extra <<<"${SCORER_SBATCH_ARGS:-}"
 read -r -a trainer_extra <<<"${TRAINER_SBATCH_ARGS:-}"
@@ -46,7 +47,7 @@ read -r -a trainer_extra <<<"${TRAINER_SBATCH_ARGS:-}"
 mkdir -p logs "$(dirname "${SCORER_ADDRESS_FILE}")"
 # A stale address file from an earlier scorer would let the trainer start against a dead URL
 # (it would only wait for /health to answer); the new scorer rewrites it once it listens.
-rm -f "${SCORER_ADDRESS_FILE}"
+[[ -d "${SCORER_ADDRESS_FILE}" ]] || rm -f "${SCORER_ADDRESS_FILE}"  # in a directory, stale files are skipped
 
 scorer_id="$(sbatch --parsable "${common[@]}" "${scorer_extra[@]}" slurm/run_scorer_service.sh)"
 scorer_id="${scorer_id%%;*}"

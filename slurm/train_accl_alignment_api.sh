@@ -26,7 +26,8 @@
 #   BACKEND=<vllm if a GPU is visible, else transformers>
 #   EXECUTOR=<ray if NUM_ENGINES > 1, else local>    several nodes: ray
 #   EXPERIMENT_DIR=logs/es                           runs go to $EXPERIMENT_DIR/alignment_<stamp>
-#   SCORER_ADDRESS_FILE=logs/scorer_address.json     written by the scorer service
+#   SCORER_ADDRESS_FILE=logs/scorers/                written by the scorer service
+#                                                    (the replicas' address directory, or one address file)
 #   SCORER_WAIT_S=1800                               how long to wait for a healthy scorer
 #   ES_CONFIG=""                                     YAML of ES settings (--config)
 #   RESUME=""                                        run directory to resume (--resume)
@@ -81,7 +82,7 @@ if ((num_nodes > 1)) && [[ "${EXECUTOR}" != ray ]]; then
     exit 2
 fi
 EXPERIMENT_DIR="${EXPERIMENT_DIR:-logs/es}"
-SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
+SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorers/}"
 SCORER_WAIT_S="${SCORER_WAIT_S:-1800}"
 ES_CONFIG="${ES_CONFIG:-}"
 RESUME="${RESUME:-}"

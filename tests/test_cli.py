@@ -94,6 +94,9 @@ USER_ERRORS: list[tuple[str, list[str], str]] = [
     ("alignment.char_diffusion.recipe", ["--text", "{tmp}/none.txt", "--out", "{tmp}/r"], "text not found"),
     ("alignment.char_diffusion.recipe", ["--set", "gpro.kl_beta=0.1"], "the stages are train, judge, grpo"),
     ("alignment.char_diffusion.build", ["--out"], "expected one argument"),
+    # doctor
+    ("alignment.doctor", ["--device", "cpu", "--policy-shape", "7b"], "the 7b shape is built on a GPU only"),
+    ("alignment.doctor", ["--limit", "es=soon"], "expected CHECK=SECONDS"),
 ]  # fmt: skip
 CLIS = sorted({module for module, _, _ in USER_ERRORS})
 

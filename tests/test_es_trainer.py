@@ -188,7 +188,8 @@ def test_scorer_outage_stops_with_a_checkpoint_and_resumes(toy_models, scorer_fa
     cfg = es_config(toy_models, proc, tmp_path, num_iterations=40, save_every=100)
     run_dir = tmp_path / "run"
     executor = build_executor(cfg)
-    client = ScorerClient(proc.url, retries=1, backoff=0.05, timeout=10)
+    budget = 3.0
+    client = ScorerClient(proc.url, retry_budget=budget, backoff=0.05, max_backoff=0.5, timeout=10)
     trainer = ESTrainer(cfg, executor, client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4], run_dir)
     outcome: dict = {}
 
@@ -196,18 +197,24 @@ def test_scorer_outage_stops_with_a_checkpoint_and_resumes(toy_models, scorer_fa
         try:
             trainer.train()
         except BaseException as exc:  # inspected below
-            outcome["error"] = exc
+            outcome["error"], outcome["at"] = exc, time.monotonic()
 
     thread = threading.Thread(target=train)
     thread.start()
     while len(ReplayLog(run_dir / "replay.jsonl").read()) < 2:
         time.sleep(0.02)
     proc.kill()
+    killed_at = time.monotonic()
     thread.join(timeout=300)
     error = outcome.get("error")
-    assert isinstance(error, ScorerFailedError)
-    assert "--resume" in str(error) and str(run_dir) in str(error)
+    assert isinstance(error, ScorerFailedError)  # a UserError: one line and exit 2 from the CLI
+    # within the budget, plus the member being generated and the checkpoint write (seconds here)
+    assert outcome["at"] - killed_at < budget + 30
+    message = str(error)
+    assert proc.url in message and "retry budget of 3s used up" in message
+    assert f"resume with: python -m alignment.es.train_es_alignment --resume {run_dir}" in message
     committed = ReplayLog(run_dir / "replay.jsonl").read()
+    assert f"iterations 0..{committed[-1].iteration} are kept" in message
     weights, state = load_latest(run_dir)
     assert state["iteration"] == committed[-1].iteration
     assert all(torch.equal(weights[k], v) for k, v in executor.state_dict().items())

@@ -83,8 +83,9 @@ def test_wait_times_out_clearly(tmp_path: Path) -> None:
 
     cli = [sys.executable, "-m", "alignment.scoring.wait", "--address-file", str(missing), "--timeout", "1"]
     proc = subprocess.run(cli, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a user error: one line, no traceback (alignment.cli)
     assert proc.stdout == "" and str(missing) in proc.stderr and "missing" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_wait_cli_prints_url(scorer, tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ from alignment.config import field_help as _help
 from alignment.es.engines import GenerationSettings
 from alignment.es.lowrank import NoiseSpec
 from alignment.lagrange import LagrangeRecipe
+from alignment.scoring.recipe import ScorerRecipe
 
 
 @dataclass
-class ESConfig(LagrangeRecipe):
+class ESConfig(ScorerRecipe, LagrangeRecipe):
     # the trainer hands λ every episode's cost (population order), so an episode window works
     passes_episode_costs: ClassVar[bool] = True
 
@@ -60,12 +61,7 @@ class ESConfig(LagrangeRecipe):
         default="population",
         metadata=_help("mean cost for λ: the population's (no extra generation) or θ's on the batch"),
     )
-    # scorer
-    scorer_url: str = field(default="auto", metadata=_help("URL, or auto to read the address file"))
-    scorer_address_file: str | None = None
-    scorer_batch_size: int = 64
-    scorer_timeout: float = 300.0
-    scorer_retries: int = 8
+    # scorer: the scorer_* fields come from ScorerRecipe (alignment/scoring/recipe.py)
     # data and generation
     train_jsonl: str | None = field(default=None, metadata=_help("prompts jsonl (default: toy prompts)"))
     eval_jsonl: str | None = None

@@ -64,6 +64,16 @@ class PairScoreCache:
             self.pairs_sent += len(fresh)
             return PendingScores([self._where[k] for k in keys])
 
+    def failure(self) -> BaseException | None:
+        """The error of a request that already failed, if any (the caller stops early instead of
+        generating answers nobody can score)."""
+        with self._lock:
+            futures = {id(f): f for f, _ in self._where.values()}
+        for future in futures.values():
+            if future.done() and future.exception() is not None:
+                return future.exception()
+        return None
+
     def metrics(self) -> dict[str, float]:
         """``scoring/pairs_total`` (every member's pairs), ``pairs_sent`` and ``duplicate_fraction``."""
         total, sent = self.pairs_total, self.pairs_sent

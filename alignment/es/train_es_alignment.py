@@ -25,7 +25,7 @@ from alignment.data import load_prompts
 from alignment.es.config import ESConfig
 from alignment.es.executors import LocalExecutor
 from alignment.es.trainer import ESTrainer, ScorerFailedError
-from alignment.scoring.client import ScorerClient, ScorerRequestError, ScorerUnavailableError
+from alignment.scoring.client import ScorerRequestError, ScorerUnavailableError
 from alignment.toy.objective import TOY_EVAL_PROMPTS, TOY_TRAIN_PROMPTS
 
 logger = logging.getLogger("alignment.es")
@@ -73,8 +73,7 @@ def run_es(cfg: ESConfig, resume: str | Path | None = None) -> dict:
     hub.check_model(cfg.policy_model_path, "--policy_model_path")  # before engines or Ray actors start
     train = load_prompts(cfg.train_jsonl, cfg.prompt_key, TOY_TRAIN_PROMPTS)
     evals = load_prompts(cfg.eval_jsonl, cfg.prompt_key, TOY_EVAL_PROMPTS, cfg.eval_max_prompts)
-    client = ScorerClient(cfg.scorer_url, address_file=cfg.scorer_address_file, batch_size=cfg.scorer_batch_size,
-                          timeout=cfg.scorer_timeout, retries=cfg.scorer_retries)  # fmt: skip
+    client = cfg.scorer_client()
     executor = build_executor(cfg)
     try:
         return ESTrainer(cfg, executor, client, train, evals, run_dir).train()

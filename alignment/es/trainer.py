@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from alignment import atomic
+from alignment.cli import UserError
 from alignment.config import save_config
 from alignment.es.checkpoint import (
     ReplayEntry,
@@ -52,8 +53,12 @@ from alignment.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 
-class ScorerFailedError(RuntimeError):
-    """The scorer failed mid-run; a checkpoint was saved and the run can be resumed."""
+RESUME_COMMAND = "python -m alignment.es.train_es_alignment --resume {run_dir}"
+
+
+class ScorerFailedError(UserError):
+    """The scorer stayed unavailable (or failed) mid-run: every finished iteration is kept, and the
+    message names the hosts and gives the resume command."""
 
 
 def batch_prompts(prompts: list[str], run_seed: int, iteration: int, size: int) -> list[str]:
@@ -134,6 +139,9 @@ class ESTrainer:
         def on_generated(i: int, answers: list[str]) -> None:
             responses[i] = answers
             pending[i] = cache.submit(prompts, answers)
+            failed = cache.failure()
+            if failed is not None:  # the scorer gave up: generating the other members is wasted time
+                raise failed
 
         t0 = time.perf_counter()
         timings = self.executor.evaluate(members, prompts, self.cfg.sigma, settings, on_generated, self.noise)
@@ -221,6 +229,17 @@ class ESTrainer:
         logger.info("%d engine(s) on %d node(s): %s", len(placement), len(nodes), ", ".join(nodes))
 
     # -- the run ---------------------------------------------------------------------------
+    def stopped(self, exc: ScorerError, where: str, kept: int) -> ScorerFailedError:
+        """The error that ends a run on a scorer failure: what failed (the hosts), what is kept, and
+        how to resume."""
+        have = (
+            f"iterations 0..{kept} are kept in {self.run_dir}" if kept >= 0 else "no iteration had finished"
+        )
+        return ScorerFailedError(
+            f"{exc}. ES stopped {where}; {have}; once the scorer is back, resume with: "
+            + RESUME_COMMAND.format(run_dir=self.run_dir)
+        )
+
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +253,10 @@ class ESTrainer:
             if before_path.exists():
                 before = json.loads(before_path.read_text())
             else:
-                before = evaluate_policy(self.executor, self.client, self.eval_prompts, self.settings)
+                try:
+                    before = evaluate_policy(self.executor, self.client, self.eval_prompts, self.settings)
+                except ScorerError as exc:
+                    raise self.stopped(exc, "in the evaluation before training", start - 1) from exc
                 before_path.parent.mkdir(parents=True, exist_ok=True)
                 before_path.write_text(json.dumps(before, indent=2))
                 # step 0 of the eval curves (plot_training_curves, TensorBoard): the policy before ES
@@ -247,11 +269,11 @@ class ESTrainer:
                 try:
                     metrics = self.step(iteration)
                 except ScorerError as exc:
-                    self.checkpoint(iteration - 1)
-                    raise ScorerFailedError(
-                        f"scorer failed in iteration {iteration}: {exc}. A checkpoint of iteration "
-                        f"{iteration - 1} is in {self.run_dir}; resume with --resume {self.run_dir}"
-                    ) from exc
+                    # the replay log already holds every finished iteration; a checkpoint of the
+                    # last one (unless just saved) makes the resume quick
+                    if iteration > start and iteration % cfg.save_every:
+                        self.checkpoint(iteration - 1)
+                    raise self.stopped(exc, f"in iteration {iteration}", iteration - 1) from exc
                 tracker.log(metrics, step=iteration)
                 bar.set_postfix(R=f"{metrics['train/reward_mean']:.3f}", C=f"{metrics['train/cost_mean']:.3f}",
                                 lam=f"{metrics['lambda/value']:.3f}")  # fmt: skip
@@ -259,7 +281,10 @@ class ESTrainer:
                     self.checkpoint(iteration)
             self.checkpoint(iteration)
             save_final(self.run_dir, cfg.num_iterations, self.executor.state_dict())
-            after = evaluate_policy(self.executor, self.client, self.eval_prompts, self.settings)
+            try:
+                after = evaluate_policy(self.executor, self.client, self.eval_prompts, self.settings)
+            except ScorerError as exc:
+                raise self.stopped(exc, "in the final evaluation", cfg.num_iterations - 1) from exc
             tracker.log({f"eval/{key}": after[key] for key in ("R_mean", "C_mean", "safe_ratio")},
                         step=cfg.num_iterations)  # fmt: skip
         results = {

@@ -17,7 +17,8 @@
 #   MODELS=""                                      names to classify (default: every model of the sweep)
 #   OUTPUT_DIR=alignment/outputs/model_comparisons
 #   BACKEND=<vllm if a GPU is visible, else transformers>
-#   SCORER_ADDRESS_FILE=logs/scorer_address.json   written by slurm/run_scorer_service.sh
+#   SCORER_ADDRESS_FILE=logs/scorers/              written by slurm/run_scorer_service.sh
+#                                                  (the replicas' address directory, or one address file)
 #   SCORER_WAIT_S=1800                             how long to wait for a healthy scorer
 #   FROM_POINTS=""                                 rebuild outputs from this folder's *_points.jsonl
 #                                                  only (no scorer, no generation, no GPU)
@@ -56,7 +57,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-alignment/outputs/model_comparisons}"
 if [[ -z "${BACKEND:-}" ]]; then
     if (($(visible_gpus) >= 1)); then BACKEND=vllm; else BACKEND=transformers; fi
 fi
-SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
+SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorers/}"
 SCORER_WAIT_S="${SCORER_WAIT_S:-1800}"
 FROM_POINTS="${FROM_POINTS:-}"
 PLOTS="${PLOTS:-1}"

@@ -53,7 +53,7 @@ class SweepConfig:
     save_every: int = 256  # prompts generated between appends to the partial file (resume granularity)
     gpu_memory_utilization: float = 0.85  # vllm backend
     scorer_url: str = "auto"
-    scorer_address_file: str = "logs/scorer_address.json"
+    scorer_address_file: str = "logs/scorers/"  # the replicas' address directory, or one address file
     score_batch_size: int = 32  # pairs per scorer request
     output_dir: str = "alignment/outputs/model_comparisons"
     scatter: bool = True

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from alignment.config import field_help, load_config
 from alignment.lagrange import LagrangeRecipe
+from alignment.scoring.recipe import ScorerRecipe
 
 
 def grpo_config_fields() -> frozenset[str]:
@@ -19,7 +20,7 @@ def grpo_config_fields() -> frozenset[str]:
 
 
 @dataclass
-class GRPOAlignmentConfig(LagrangeRecipe):
+class GRPOAlignmentConfig(ScorerRecipe, LagrangeRecipe):
     passes_episode_costs: ClassVar[bool] = True  # LagrangeCallback hands λ every episode's cost
 
     # model and data
@@ -29,12 +30,7 @@ class GRPOAlignmentConfig(LagrangeRecipe):
     prompt_key: str = "prompt"
     eval_max_prompts: int = 256
     output_dir: str = "logs/grpo/run"
-    # scorer
-    scorer_url: str = "auto"
-    scorer_address_file: str | None = None
-    scorer_batch_size: int = 64
-    scorer_timeout: float = 300.0
-    scorer_retries: int = 8
+    # scorer: the scorer_* fields come from ScorerRecipe (alignment/scoring/recipe.py)
     # adaptive λ: the lambda_* fields come from LagrangeRecipe (alignment/lagrange.py)
     # GRPO (these map onto GRPOConfig fields of the same name)
     num_generations: int = 8

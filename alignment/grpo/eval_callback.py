@@ -28,7 +28,7 @@ from trl.models import unwrap_model_for_generation
 
 from alignment.conversation import generate_answers
 from alignment.data import repair_jsonl_tail
-from alignment.scoring.client import ScorerClient
+from alignment.scoring.client import ScorerClient, ScorerError
 from alignment.scoring.quadrants import summarize
 
 logger = logging.getLogger(__name__)
@@ -112,17 +112,18 @@ class AlignmentEvalCallback(TrainerCallback):
             raise RuntimeError(f"GRPO evaluation failed at step {step}: {'; '.join(errors)}")
         by_batch = {i: answers for got, _ in parts for i, answers in got.items()}
         answers = [a for i in range(len(batches)) for a in by_batch[i]]
-        summary, failure = None, None
+        summary, failure, scorer_down = None, None, False
         if acc.is_main_process:
             try:
                 summary = self._score_and_write(step, answers)
             except Exception as exc:
-                failure = f"{type(exc).__name__}: {exc}"
+                failure, scorer_down = f"{type(exc).__name__}: {exc}", isinstance(exc, ScorerError)
                 if acc.num_processes == 1:
                     raise
-        summary, failure = broadcast_object_list([summary, failure])
-        if failure is not None:
-            raise RuntimeError(f"GRPO evaluation at step {step}: scoring on rank 0 failed: {failure}")
+        summary, failure, scorer_down = broadcast_object_list([summary, failure, scorer_down])
+        if failure is not None:  # a scorer failure stops every rank the way train_grpo handles it
+            kind = ScorerError if scorer_down else RuntimeError
+            raise kind(f"GRPO evaluation at step {step}: scoring on rank 0 failed: {failure}")
         self.last_answers = answers
         self.history.append(summary)
         metrics = {"eval/reward_mean": summary["R_mean"], "eval/cost_mean": summary["C_mean"],

@@ -31,7 +31,7 @@ from transformers.trainer_callback import ExportableState
 
 from alignment.conversation import truncate_at_stop
 from alignment.lagrange import LagrangeController
-from alignment.scoring.client import ScorerClient
+from alignment.scoring.client import ScorerClient, ScorerError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class LagrangeCallback(TrainerCallback, ExportableState):
         if costs:  # steps that reuse an earlier generation batch saw no new costs
             self.link.controller.update_costs(costs)
         if dist.is_available() and dist.is_initialized():  # each rank's own λ, to compare in the job log
-            logger.info("step %d: λ=%.12g (rank %d of %d)", state.global_step, self.link.controller.value,
+            step = getattr(state, "global_step", None)
+            logger.info("step %s: λ=%.12g (rank %d of %d)", step, self.link.controller.value,
                         dist.get_rank(), dist.get_world_size())  # fmt: skip
         self.lagrange_state = self.link.controller.state_dict()
         self.applied_restore = True
@@ -115,6 +116,19 @@ class LagrangeCallback(TrainerCallback, ExportableState):
             "args": {"key": self.key},
             "attributes": {"lagrange_state": self.link.controller.state_dict(), "applied_restore": False},
         }
+
+
+def agree_on_failure(failure: ScorerError | None) -> ScorerError | None:
+    """The scorer failure of any rank, on every rank (a collective: all ranks call it at the same
+    point), so that all ranks stop together instead of the others waiting in TRL's reward gather."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return failure
+    seen: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, None if failure is None else str(failure))
+    if failure is not None:
+        return failure
+    rank, message = next(((r, m) for r, m in enumerate(seen) if m is not None), (None, None))
+    return None if message is None else ScorerError(f"the scorer failed on rank {rank}: {message}")
 
 
 def _text(completion: Any) -> str:
@@ -147,7 +161,14 @@ class ScorerReward:
                 f"(columns given: {sorted(k for k in columns if k not in ('trainer_state', 'log_extra'))})"
             )
         responses = [truncate_at_stop(_text(c)) for c in completions]
-        scores = self.client.score(list(raw), responses)  # a scorer failure stops training loudly
+        try:
+            scores, failure = self.client.score(list(raw), responses), None
+        except ScorerError as exc:  # stops training loudly, on every rank (train_grpo saves the steps)
+            scores, failure = None, exc
+        failure = agree_on_failure(failure)
+        if failure is not None:
+            raise failure
+        assert scores is not None
         self.link.add_costs(scores.costs)
         lam = self.link.controller.value
         if log_metric is not None:

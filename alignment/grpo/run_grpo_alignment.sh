@@ -32,7 +32,8 @@
 #   ACCELERATE_CONFIG=alignment/grpo/accelerate_zero2.yaml   (accelerate_zero3.yaml, accelerate_ddp.yaml)
 #   ACCELERATE_ARGS=""                               extra `accelerate launch` flags (--mixed_precision no)
 #   RDZV_PORT=<20000 + job id % 10000>               several nodes: main process port on the first node
-#   SCORER_ADDRESS_FILE=logs/scorer_address.json     written by the scorer service
+#   SCORER_ADDRESS_FILE=logs/scorers/                written by the scorer service
+#                                                    (the replicas' address directory, or one address file)
 #   SCORER_WAIT_S=1800                               how long to wait for a healthy scorer
 #   OUTPUT_ROOT=logs/grpo                            runs go to $OUTPUT_ROOT/beta$BETA
 #   EXTRA_OVERRIDES=""                               space-separated key=value overrides
@@ -73,7 +74,7 @@ BETAS="${BETAS:-0.01 0.05 0.1 0.15}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-alignment/grpo/accelerate_zero2.yaml}"
 ACCELERATE_ARGS="${ACCELERATE_ARGS:-}"
 VLLM_MODE="${VLLM_MODE:-}"
-SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorer_address.json}"
+SCORER_ADDRESS_FILE="${SCORER_ADDRESS_FILE:-logs/scorers/}"
 SCORER_WAIT_S="${SCORER_WAIT_S:-1800}"
 OUTPUT_ROOT="${OUTPUT_ROOT:-logs/grpo}"
 EXTRA_OVERRIDES="${EXTRA_OVERRIDES:-}"

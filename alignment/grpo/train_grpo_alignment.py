@@ -38,7 +38,7 @@ from alignment.grpo.config import GRPO_KEYS, GRPOAlignmentConfig, load_grpo_conf
 from alignment.grpo.eval_callback import AlignmentEvalCallback
 from alignment.grpo.reward import LagrangeCallback, LagrangeLink, ScorerReward
 from alignment.lagrange import LagrangeController
-from alignment.scoring.client import ScorerClient, ScorerRequestError, ScorerUnavailableError
+from alignment.scoring.client import ScorerError, ScorerRequestError, ScorerUnavailableError
 from alignment.toy.objective import TOY_EVAL_PROMPTS, TOY_TRAIN_PROMPTS
 
 logger = logging.getLogger("alignment.grpo")
@@ -108,8 +108,7 @@ def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Seque
     if not cfg.use_vllm:
         stop_at_turn_markers(model, tokenizer)
     if client is None:
-        client = ScorerClient(cfg.scorer_url, address_file=cfg.scorer_address_file, batch_size=cfg.scorer_batch_size,
-                              timeout=cfg.scorer_timeout, retries=cfg.scorer_retries)  # fmt: skip
+        client = cfg.scorer_client()
     link = LagrangeLink.create(LagrangeController(cfg.lagrange_config()))
     evals = load_prompts(cfg.eval_jsonl, cfg.prompt_key, TOY_EVAL_PROMPTS, cfg.eval_max_prompts)
     eval_cb = AlignmentEvalCallback(client, evals, every=cfg.eval_every, batch_size=cfg.eval_batch_size,
@@ -134,6 +133,35 @@ def build_trainer(cfg: GRPOAlignmentConfig, client: Any = None, callbacks: Seque
     return GRPORun(trainer, link, eval_cb, tokenizer, best)
 
 
+class ScorerStoppedError(ScorerUnavailableError):
+    """The scorer stayed unavailable for the retry budget mid-run: the finished steps are saved, and
+    the message names the hosts and gives the resume flag."""
+
+
+def stop_on_scorer_failure(trainer: Any, exc: ScorerError) -> ScorerError:
+    """Save the finished optimiser steps (a checkpoint of ``global_step`` unless one exists: weights,
+    optimiser, scheduler, RNG and λ) and return the error to raise: for an outage a
+    :class:`ScorerStoppedError` saying how to resume, else ``exc`` itself (a rejected request or a
+    malformed answer is not fixed by waiting). Every rank calls it: the reward and the evaluation
+    stop all ranks together, so the collective save cannot hang."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    step = trainer.state.global_step
+    checkpoint = Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    if step > 0 and not checkpoint.is_dir():
+        # the Trainer's own checkpoint writer, as at save_steps (a private method: TRL has no public one)
+        trainer._save_checkpoint(trainer.model, trial=None)
+    if step == 0:
+        resume = "no step had finished: run the same command again once the scorer is back"
+    else:
+        resume = (f"the {step} finished steps are saved in {checkpoint}; once the scorer is back, add "
+                  f"--resume {checkpoint} (or --resume latest) to the same command")  # fmt: skip
+    if not isinstance(exc, ScorerUnavailableError):
+        logger.error("GRPO stopped on a scorer error in step %d; %s", step + 1, resume)
+        return exc
+    return ScorerStoppedError(f"{exc}. GRPO stopped in step {step + 1}; {resume}")
+
+
 def train_grpo(
     cfg: GRPOAlignmentConfig,
     resume: str | None = None,
@@ -156,7 +184,10 @@ def train_grpo(
         resume = get_last_checkpoint(cfg.output_dir)
         if resume is None:
             raise cli.UserError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}")
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except ScorerError as exc:
+        raise stop_on_scorer_failure(trainer, exc) from exc
     final = Path(cfg.output_dir) / "final"
     trainer.save_model(str(final))
     run.tokenizer.save_pretrained(final)

@@ -1,17 +1,22 @@
 """The one client of the scorer service, shared by the ES trainer, GRPO reward and evaluation.
 
-    client = ScorerClient()                     # url="auto": read logs/scorer_address.json
-    scores = client.score(prompts, responses)   # scores.rewards, scores.costs
+    client = ScorerClient()                     # url="auto": every healthy replica that published
+    scores = client.score(prompts, responses)   # scores.rewards, scores.costs, in input order
 
-Large calls are split into requests of ``batch_size`` items, sent concurrently. Connection errors,
-timeouts and 5xx answers are retried with exponential backoff and jitter (tenacity; a 503's
-``Retry-After`` is honoured); 4xx answers are not retried. When the retries are used up the client
-raises :class:`ScorerUnavailableError`: it never returns made-up scores (zeros for a failed request
-silently corrupt training). An answer whose scores are not finite numbers, or whose ``truncated``
-indices are out of range, is a :class:`ScorerError`, never a score.
+Large calls are split into requests of ``batch_size`` items, sent concurrently. Each request goes
+to the replica with the fewest requests in flight (:mod:`alignment.scoring.replicas`); when that
+replica fails (connection refused or reset, timeout, 5xx) the request is sent to another one at
+once, and each chunk's scores come from exactly one answer, so nothing is lost, scored twice into
+the results or mismatched. While no replica can serve, requests wait with exponential backoff and
+jitter (at least a 503's ``Retry-After``), re-reading the address sources so restarted and added
+replicas are found, for at most ``retry_budget`` seconds of outage in all (not per request): one
+warning when the outage starts and one when it ends, naming the hosts. Then the client raises
+:class:`ScorerUnavailableError`: it never returns made-up scores (zeros for a failed request
+silently corrupt training). 4xx answers are not retried; an answer whose scores are not finite
+numbers, or whose ``truncated`` indices are out of range, is a :class:`ScorerError`, never a score.
 
-With ``url="auto"`` the URL and the bearer token come from one reading of the address file; that
-token is sent only to that URL.
+With ``url="auto"`` each replica's URL and bearer token come from one reading of its address file;
+that token is sent only to that URL.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,28 +33,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tenacity import (
-    RetryCallState,
-    RetryError,
-    Retrying,
-    before_sleep_log,
-    retry_if_exception,
-    stop_after_attempt,
-)
 
-from alignment.scoring.address import ScorerAddress, default_address_file, read_address
+from alignment.cli import UserError
+from alignment.scoring.address import address_sources
+from alignment.scoring.replicas import Outage, ReplicaPool
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SCORER_TOKEN"
 URL_ENV = "SCORER_URL"
+DEFAULT_RETRY_BUDGET = 120.0  # s of outage before a trainer stops (with its resume command)
 
 
 class ScorerError(RuntimeError):
     """Base class of scorer-client errors."""
 
 
-class ScorerRequestError(ScorerError):
+class ScorerRequestError(ScorerError, UserError):
     """The scorer rejected the request (4xx): retrying the same request cannot help."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -56,8 +57,8 @@ class ScorerRequestError(ScorerError):
         self.status, self.message = status, message
 
 
-class ScorerUnavailableError(ScorerError):
-    """The scorer could not be reached or kept failing after every retry."""
+class ScorerUnavailableError(ScorerError, UserError):
+    """No scorer replica could serve for the whole retry budget; the message names the hosts."""
 
 
 @dataclass
@@ -72,14 +73,6 @@ class Scores:
         return len(self.rewards)
 
 
-class _ServerError(Exception):
-    """A 5xx answer: retried like a connection error (after ``retry_after`` seconds when given)."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
-        super().__init__(f"{status}: {message}")
-        self.retry_after = retry_after
-
-
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
     try:
@@ -87,10 +80,6 @@ def _retry_after(response: httpx.Response) -> float | None:
     except ValueError:
         return None  # absent, or an HTTP date: fall back to the exponential backoff
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (httpx.TransportError, _ServerError, FileNotFoundError))
 
 
 def _message(response: httpx.Response) -> str:
@@ -144,75 +133,106 @@ def check_answer(route: str, answer: object, size: int) -> Scores:
     return Scores(rewards, costs, _indices(route, answer.get("truncated", []), size))
 
 
+def _split_urls(url: str | Sequence[str]) -> list[str]:
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip().rstrip("/") for u in parts if u.strip()]
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise UserError(f"scorer URL {u!r} does not start with http:// or https:// (or use auto)")
+    if not urls:
+        raise UserError("no scorer URL given")
+    return urls
+
+
 class ScorerClient:
-    """Thread-safe client of the scorer service.
+    """Thread-safe client of one scorer or several replicas.
 
     Args:
-        url: ``http://host:port``, or ``"auto"``/``None`` to read the address file (``$SCORER_URL``
-            wins when set). With ``auto`` the file is read again before each retry.
-        token: bearer token (default ``$SCORER_TOKEN``; with ``auto`` and neither, the token in the
-            address file, sent only to the URL in that file).
+        url: ``http://host:port``, several (a list, or comma-separated), or ``"auto"``/``None`` to find
+            every healthy replica in the address sources (``$SCORER_URL`` wins when set).
+        token: bearer token (default ``$SCORER_TOKEN``; with ``auto`` and neither, each replica's token
+            from its own address file, sent only to that replica's URL).
         timeout: seconds for one HTTP request.
-        retries: retries after the first attempt for connection errors, timeouts and 5xx.
+        retry_budget: seconds an outage (no replica can serve) may last before the client gives up
+            with :class:`ScorerUnavailableError`; a request in flight may end up to ``timeout`` later.
+        retries: also give up after this many waits of one request (None: only the budget counts);
+            sending a request to another replica after one failed is not a retry.
         batch_size: items per HTTP request.
-        backoff: first retry delay in seconds; it doubles up to ``max_backoff``.
+        backoff: first wait in seconds; it doubles up to ``max_backoff``, plus jitter.
         max_concurrency: requests of one call in flight at once.
+        address_file, address_dir: where ``auto`` looks (default: see
+            :func:`alignment.scoring.address.address_sources`); either may be a file or a directory.
+        refresh_interval: seconds between re-readings of the address sources.
     """
 
     def __init__(
         self,
-        url: str | None = "auto",
+        url: str | Sequence[str] | None = "auto",
         token: str | None = None,
         timeout: float = 300.0,
-        retries: int = 8,
+        retries: int | None = None,
         batch_size: int = 64,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_concurrency: int = 4,
         address_file: str | Path | None = None,
+        retry_budget: float = DEFAULT_RETRY_BUDGET,
+        address_dir: str | Path | None = None,
+        refresh_interval: float = 5.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if retries < 0:
+        if retries is not None and retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if not retry_budget >= 0:
+            raise ValueError(f"retry_budget must be >= 0 seconds, got {retry_budget}")
         url = url or "auto"
         if url == "auto" and os.environ.get(URL_ENV):
             url = os.environ[URL_ENV]
-        self._auto = url == "auto"
-        self._address_file = Path(address_file) if address_file else None
-        self._url = None if self._auto else url.rstrip("/")
-        self._token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
+        token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
         self.timeout, self.retries, self.batch_size = timeout, retries, batch_size
         self.backoff, self.max_backoff, self.max_concurrency = backoff, max_backoff, max(1, max_concurrency)
+        self.retry_budget = retry_budget
+        # one client serves many threads (the ES trainer's scoring pool, TRL's reward calls), each
+        # call up to max_concurrency requests, spread over the replicas: room for 8 such calls
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(max_connections=self.max_concurrency * 2),
+            limits=httpx.Limits(max_connections=self.max_concurrency * 8),
         )
+        if url == "auto":
+            sources = address_sources(address_file, address_dir)
+            self._pool = ReplicaPool(
+                self._http, sources=sources, token=token, refresh_interval=refresh_interval
+            )
+        else:
+            self._pool = ReplicaPool(self._http, urls=_split_urls(url), token=token)
+        self._outage = Outage(retry_budget)
 
-    def _address(self) -> ScorerAddress:
-        """Where to send a request and the token for exactly that place."""
-        if self._auto:
-            found = read_address(self._address_file or default_address_file())
-            return ScorerAddress(found.url, self._token or found.token)
-        assert self._url is not None
-        return ScorerAddress(self._url, self._token)
+    @property
+    def urls(self) -> list[str]:
+        """The replicas known now (finds them first when ``auto`` knows none yet)."""
+        if not self._pool.urls():
+            self._pool.refresh(force=True)
+        return self._pool.urls()
 
     @property
     def url(self) -> str:
-        """The scorer's base URL (reads the address file when ``auto``)."""
-        return self._address().url
+        """The first replica's base URL (kept for callers of a single scorer)."""
+        urls = self.urls
+        if not urls:
+            raise ScorerUnavailableError(self._pool.problem())
+        return urls[0]
 
-    def _wait(self, state: RetryCallState) -> float:
-        """Exponential backoff with jitter, at least a 503's Retry-After (any tenacity >= 8.2)."""
-        delay = min(self.max_backoff, self.backoff * 2 ** (state.attempt_number - 1))
-        delay += random.uniform(0, self.backoff)
-        exc = state.outcome.exception() if state.outcome is not None else None
-        hinted = getattr(exc, "retry_after", None)
-        if hinted is not None:
-            delay = max(delay, min(float(hinted), self.max_backoff))
-        return delay
+    def spread(self) -> dict[str, dict[str, int]]:
+        """How requests were spread: per replica URL, requests answered, items, failures, in flight."""
+        return self._pool.spread()
 
     def close(self) -> None:
+        spread = {url: s for url, s in self.spread().items() if s["requests"] or s["failures"]}
+        if len(spread) > 1 or any(s["failures"] for s in spread.values()):
+            logger.info("scorer requests by replica: %s", "; ".join(
+                f"{url} {s['requests']} requests ({s['items']} items), {s['failures']} failed"
+                for url, s in spread.items()))  # fmt: skip
         self._http.close()
 
     def __enter__(self) -> ScorerClient:
@@ -221,56 +241,109 @@ class ScorerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, route: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        retrying = Retrying(
-            stop=stop_after_attempt(self.retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(_retryable),
-            before_sleep=before_sleep_log(logger, logging.WARNING),
-            reraise=False,
-        )
-        target = route
-        try:
-            for attempt in retrying:
-                with attempt:
-                    address = self._address()
-                    target = f"{address.url}{route}"
-                    headers = {"Authorization": f"Bearer {address.token}"} if address.token else {}
-                    response = self._http.request(method, target, json=payload, headers=headers)
-                    if response.status_code >= 500:
-                        raise _ServerError(response.status_code, _message(response), _retry_after(response))
-                    if response.status_code >= 400:
-                        raise ScorerRequestError(response.status_code, _message(response))
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise ScorerError(
-                            f"scorer answered {target} with a body that is not JSON: {exc}"
-                        ) from exc
-        except RetryError as exc:
-            last = exc.last_attempt.exception()
-            raise ScorerUnavailableError(
-                f"scorer at {target} failed after {self.retries + 1} attempts; last error: "
-                f"{type(last).__name__}: {last}"
-            ) from last
-        raise AssertionError("unreachable")
+    def _delay(self, waits: int, hinted: float) -> float:
+        """Exponential backoff with jitter, at least until a resting replica may be tried again."""
+        delay = min(self.max_backoff, self.backoff * 2**waits) + random.uniform(0, self.backoff)
+        return max(delay, min(hinted, self.max_backoff))
+
+    def _request(
+        self, method: str, route: str, payload: dict[str, Any] | None = None, size: int | None = None
+    ) -> Any:
+        """One request, sent to the replica with the fewest requests in flight and on to the others
+        when it fails; waits and retries while none can serve, within the retry budget."""
+        tried: set[str] = set()
+        waits = 0
+        stuck_since: float | None = None  # when this request first found no replica to try
+        last_error = ""  # of this request (a 500 leaves the replica usable: the pool does not say)
+        failed_here = False  # a 500 was logged for this request
+        while True:
+            replica = self._pool.acquire(tried)
+            if replica is None:
+                self._pool.refresh(force=True)  # restarted or added replicas, stale files dropped
+                replica = self._pool.acquire(tried)
+            if replica is None:
+                if self._pool.all_rejected():
+                    raise ScorerRequestError(
+                        401, f"every scorer rejected the bearer token: {self._pool.problem()}"
+                    )
+                problem = self._pool.problem()
+                now = time.monotonic()
+                stuck_since = now if stuck_since is None else stuck_since
+                # an outage (no replica alive) is the client's, logged once; busy replicas or a
+                # request that failed on every replica concern this request alone
+                lasted = self._outage.elapsed(problem) if not self._pool.alive() else 0.0
+                lasted = max(lasted, now - stuck_since)
+                left = self.retry_budget - lasted
+                if left <= 0 or (self.retries is not None and waits >= self.retries):
+                    why = f"retry budget of {self.retry_budget:.0f}s used up" if left <= 0 else (
+                        f"{self.retries} retries used up")  # fmt: skip
+                    last = f"; this request's last error: {last_error}" if last_error else ""
+                    raise ScorerUnavailableError(
+                        f"no scorer could serve {route} for {lasted:.0f}s ({why}): {problem}{last}"
+                    )
+                delay = min(self._delay(waits, self._pool.rest_left()), left)
+                logger.debug("no scorer can serve %s; retrying in %.2fs: %s", route, delay, problem)
+                time.sleep(delay)
+                waits += 1
+                tried.clear()
+                continue
+            tried.add(replica.url)
+            token = self._pool.token_for(replica)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            target = f"{replica.url}{route}"
+            try:
+                response = self._http.request(method, target, json=payload, headers=headers)
+            except httpx.TransportError as exc:
+                last_error = f"{replica.url}: {type(exc).__name__}: {exc}"
+                self._pool.failed(replica, f"{type(exc).__name__}: {exc}", "down")
+                continue
+            finally:
+                self._pool.release(replica)
+            status = response.status_code
+            if status >= 500 or status == 429:
+                why = f"HTTP {status}: {_message(response)}"
+                last_error = f"{replica.url}: {why}"
+                hint = _retry_after(response)
+                kind = "request" if status == 500 else "busy" if hint is not None else "down"
+                self._pool.failed(replica, why, kind, retry_after=hint)
+                if kind == "request" and not failed_here:  # once per request, not per retry
+                    logger.warning("scorer %s could not score a request to %s (%s); retrying it on "
+                                   "the replicas within the retry budget", replica.url, route, why)  # fmt: skip
+                failed_here = failed_here or kind == "request"
+                continue
+            if response.status_code in (401, 403):
+                self._pool.reject(replica, f"HTTP {response.status_code}: {_message(response)}")
+                continue
+            if response.status_code >= 400:
+                raise ScorerRequestError(response.status_code, f"{_message(response)} (from {target})")
+            try:
+                body = response.json()
+            except ValueError as exc:
+                raise ScorerError(f"scorer answered {target} with a body that is not JSON: {exc}") from exc
+            if size is not None:
+                body = check_answer(target, body, size)  # a malformed answer is an error, not retried
+            self._pool.succeeded(replica, size or 0)
+            self._outage.over(replica.url)
+            return body
 
     def health(self) -> dict[str, Any]:
-        """``GET /health`` (with retries)."""
+        """``GET /health`` of one replica (with retries)."""
         return self._request("GET", "/health")
 
     def _post_chunks(self, route: str, payloads: list[dict[str, Any]], sizes: list[int]) -> Scores:
+        def post(i: int) -> Scores:
+            return self._request("POST", route, payloads[i], sizes[i])
+
         if len(payloads) == 1 or self.max_concurrency == 1:
-            answers = [self._request("POST", route, p) for p in payloads]
+            answers = [post(i) for i in range(len(payloads))]
         else:
             with ThreadPoolExecutor(min(self.max_concurrency, len(payloads))) as pool:
-                answers = list(pool.map(lambda p: self._request("POST", route, p), payloads))
+                answers = list(pool.map(post, range(len(payloads))))  # in chunk order, whoever answered
         rewards: list[float] = []
         costs: list[float] = []
         truncated: list[int] = []
         offset = 0
-        for answer, size in zip(answers, sizes, strict=True):
-            part = check_answer(route, answer, size)
+        for part, size in zip(answers, sizes, strict=True):
             rewards += part.rewards
             costs += part.costs
             truncated += [offset + i for i in part.truncated]

@@ -1,6 +1,7 @@
 """HTTP scorer service: hosts a Beaver reward model and cost model and scores (prompt, response) pairs.
 
     python -m alignment.scoring.scorer_service --reward-model PATH --cost-model PATH [--port 0]
+    python -m alignment.scoring.scorer_service ... --replicas 4     # one replica per GPU of this node
 
 Routes (see ARCHITECTURE.md): ``GET /health``, ``POST /score``, ``POST /score_texts``, ``GET /metrics``.
 Each request's body is parsed within bounds (:mod:`~alignment.scoring.body`), tokenised in slices
@@ -9,7 +10,8 @@ queued slice by slice; :class:`~alignment.scoring.scheduler.BatchScheduler` merg
 of all callers into length-sorted, token-budgeted forward passes. Once the
 models are loaded and the socket listens, the service writes its reachable address (and bearer
 token, if any) to the address file, which :class:`~alignment.scoring.client.ScorerClient` reads when
-given ``url="auto"``. Listening beyond loopback without ``--token`` generates a token.
+given ``url="auto"``: by default a file of its own in ``logs/scorers/`` (``--address-dir``), so
+that clients find every replica. Listening beyond loopback without ``--token`` generates a token.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alignment import cli
 from alignment.conversation import scoring_text
 from alignment.scoring import heap
-from alignment.scoring.address import default_address_file, remove_address_file, write_address_file
+from alignment.scoring.address import publish_path, remove_address_file, write_address_file
 from alignment.scoring.batcher import BatchStats, Encoded, RewardCostScorer, TextEncodingError, plan_forwards
 from alignment.scoring.body import max_values_for, parse_request
 from alignment.scoring.encoder_pool import EncoderPool
@@ -59,7 +62,7 @@ from alignment.scoring.schema import (
     request_body,
     score_responses,
 )
-from alignment.scoring.score_model import load_score_model
+from alignment.scoring.score_model import ScoreModelLoadError, load_score_model
 from alignment.scoring.server import (
     ScorerServer,
     bind,
@@ -326,7 +329,7 @@ def serve(settings: ServiceSettings) -> None:
     app = create_app(scorer, settings, device=str(reward.device))
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
-    address_file = Path(settings.address_file or default_address_file())
+    address_file = publish_path(settings.address_file, settings.address_dir, settings.host, port)
     max_connections = settings.max_connections or default_max_connections()
     config = uvicorn.Config(
         app,
@@ -351,14 +354,20 @@ def serve(settings: ServiceSettings) -> None:
         sock.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_repeat_filter()
-    settings = parse_args(argv, prog="scorer_service", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = parse_args(argv, prog="scorer_service", description=__doc__)
+    if settings.replicas > 1:
+        from alignment.scoring.launch import run_replicas
+
+        return run_replicas(argv, settings.replicas, settings)
     shown = {k: ("***" if k == "token" and v else v) for k, v in asdict(settings).items()}
     logger.info("starting scorer with %s (pid %d)", shown, os.getpid())
     serve(settings)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, prog="scorer_service", user_errors=(ScoreModelLoadError,))

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from alignment import cli
+
 
 @dataclass
 class ServiceSettings:
@@ -35,6 +37,8 @@ class ServiceSettings:
     access_log: bool = False
     num_threads: int | None = None
     tokenizer_threads: int = 2
+    address_dir: str | None = None
+    replicas: int = 1
 
 
 def _positive(kind: type):
@@ -50,7 +54,7 @@ def _positive(kind: type):
 def parse_args(
     argv: list[str] | None = None, prog: str = "scorer_service", description: str | None = None
 ) -> ServiceSettings:
-    p = argparse.ArgumentParser(description=description, prog=prog)
+    p = cli.parser(description, prog=prog)
     p.add_argument("--reward-model", required=True, help="path or hub name of the reward model")
     p.add_argument("--cost-model", required=True, help="path or hub name of the cost model")
     p.add_argument(
@@ -107,8 +111,22 @@ def parse_args(
     p.add_argument(
         "--address-file",
         default=None,
-        help="where to publish the address and token, mode 0600 (default $SCORER_ADDRESS_FILE or "
-        "logs/scorer_address.json)",
+        help="publish the address and token in this one file, mode 0600 (default $SCORER_ADDRESS_FILE; "
+        "unset: a file of its own in the address directory)",
+    )
+    p.add_argument(
+        "--address-dir",
+        default=None,
+        help="publish into a file of its own (named after host and port) in this directory, where "
+        "clients given url=auto find every replica (default $SCORER_ADDRESS_DIR or logs/scorers)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=_positive(int),
+        default=1,
+        help="start this many replicas on this node, one per visible GPU (on CPU each gets its share "
+        "of the cores), each on its own port (--port P: P, P+1, ...) and address file in --address-dir; "
+        "on several nodes use slurm/run_scorer_service.sh (srun, one replica per task)",
     )
     p.add_argument(
         "--max-items", type=_positive(int), default=4096, help="largest number of texts in one request"
@@ -159,6 +177,12 @@ def parse_args(
         p.error(f"--max-padding must be in [0, 1), got {a.max_padding}")
     if a.token is not None and a.insecure_no_token:
         p.error("--token and --insecure-no-token contradict each other")
-    settings = ServiceSettings(**{k: v for k, v in vars(a).items() if k != "max_body_mb"})
+    if a.address_file and a.address_dir:
+        p.error("--address-file and --address-dir: give one (a directory holds one file per replica)")
+    if a.replicas > 1 and a.address_file:
+        p.error(
+            f"--replicas {a.replicas} needs --address-dir (one address file per replica), not --address-file"
+        )
+    settings = ServiceSettings(**{k: v for k, v in vars(a).items() if k not in ("max_body_mb", "debug")})
     settings.max_body_bytes = int(a.max_body_mb * 1024 * 1024)
     return settings
