@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TEST_ENV := $(OFFLINE) OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled ALIGNMENT_TEST_MODELS=$(CURDIR)/models/toy-test
 
-.PHONY: setup setup-vllm setup-slurm demo test test-main test-vllm lint format docs bench clean-models
+.PHONY: setup setup-vllm setup-slurm demo test test-main test-vllm lint format docs bench clean-models doctor shakespeare
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -24,6 +24,14 @@ setup-slurm:
 
 demo: setup
 	$(OFFLINE) $(PY) -m alignment.demo
+
+# Character diffusion on real text on a CPU (docs/char_diffusion.md): prepare the text, then for each seed
+# pretrain the generator, train the judge and run GRPO, and print the before/after table (about 10
+# minutes a seed on 2 idle cores). Outputs under models/char_diffusion/cpu/. TEXT=any UTF-8 file.
+TEXT ?= ../shared/reference/tiny_shakespeare/input.txt
+SEEDS ?= 1
+shakespeare: setup
+	$(OFFLINE) $(PY) -m alignment.char_diffusion.recipe --text $(TEXT) --seeds $(SEEDS)
 
 test: test-main test-vllm
 
@@ -61,11 +69,19 @@ bench: setup
 	$(OFFLINE) $(PY) bench/scorer_latency.py
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py --noise lowrank
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) bench/es_iteration.py --compare-noise
 	$(OFFLINE) $(PY) bench/es_update_fidelity.py
 	$(OFFLINE) $(PY) bench/noise_devices.py
 	$(OFFLINE) $(PY) bench/grpo_step.py
 	$(OFFLINE) $(PY) bench/char_diffusion_grpo.py
+	$(OFFLINE) $(PY) bench/char_diffusion_threads.py
 	$(OFFLINE) $(PY) bench/persona_rl.py
+
+# Is this node ready for a long job? Checks and measures it in minutes (docs/doctor.md); flags through
+# DOCTOR_ARGS, e.g. make doctor DOCTOR_ARGS="--policy-shape 7b --json doctor.json".
+DOCTOR_ARGS ?=
+doctor: setup
+	$(OFFLINE) $(PY) -m alignment.doctor $(DOCTOR_ARGS)
 
 clean-models:
 	rm -rf models/toy models/toy-test

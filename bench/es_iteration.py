@@ -29,10 +29,19 @@ target >= 0.9), the plain time ratio beside it, and the full-rank iteration time
 With ``--backend vllm`` (run it with the vLLM environment's python) the engine is a LoRA-enabled
 vLLM engine; with ``transformers`` the members are the forward-hook adapters.
 
-``--model-shape 1b`` builds a randomly initialised ``LlamaForCausalLM`` of Llama-1B shape (hidden
-2048, 16 layers, 32 heads, intermediate 5632) with the toy tokenizer, in bf16, under
-``--models-dir/policy-1b``; its answers are noise but the cost of generating and perturbing is
-realistic. The scorer keeps the toy reward/cost models. The last line printed is machine-readable.
+``--compare-noise`` measures the ES noise's cost instead: three engines of the same policy in one
+process, their ES iterations interleaved iteration by iteration: one drawing each member's
+full-rank noise at its perturbation with the previous all-int64 formulation (``bench/noise_int64.py``,
+checked bit-equal first, so all three generate the same answers), one drawing the same way with the
+current formulation, and one with the current formulation drawing the iteration's noise ahead in a
+background thread while members generate (the default on CPU). The last line prints the three
+non-generation shares and perturb/restore times.
+
+``--model-shape 1b`` builds a randomly initialised ``LlamaForCausalLM`` of Llama-1B shape
+(:mod:`alignment.toy.shapes`) with the toy tokenizer, in bf16, under ``--models-dir/policy-1b``; its
+answers are noise but the cost of generating and perturbing is realistic. The scorer keeps the toy
+reward/cost models. The measuring itself is :mod:`alignment.es.measure` (the doctor uses it too).
+The last line printed is machine-readable.
 """
 
 from __future__ import annotations
@@ -49,9 +58,10 @@ from pathlib import Path
 if importlib.util.find_spec("alignment") is None:  # `python bench/es_iteration.py`, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alignment.es import measure
 from alignment.es.config import ESConfig
 from alignment.es.train_es_alignment import build_executor, run_es
-from alignment.es.trainer import ESTrainer, batch_prompts
+from alignment.es.trainer import ESTrainer
 from alignment.scoring.client import ScorerClient
 from alignment.scoring.launch import start_scorer
 from alignment.toy.objective import TOY_EVAL_PROMPTS, TOY_TRAIN_PROMPTS
@@ -60,81 +70,36 @@ from alignment.tracking import read_jsonl_metrics
 logger = logging.getLogger("bench.es_iteration")
 
 REPO = Path(__file__).resolve().parents[1]
-
-SHAPE_1B = (2048, 16, 32, 5632)  # hidden, layers, heads, intermediate
-STEP_PARTS = {  # what a low-rank comparison reports of each ES iteration
-    "generate phase": "time/generate_phase", "scoring wait": "time/scoring_wait", "update": "time/update",
-}  # fmt: skip
-PARTS = {  # report label -> metrics.jsonl key
-    "generation": "time/generation",
-    "perturb/restore": "time/perturb_restore",
-    "scoring wait": "time/scoring_wait",
-    "update": "time/update",
-    "sync": "time/sync",
-}
+PARTS = ("generation", "perturb/restore", "scoring wait", "update", "sync")
 
 
-def build_policy(shape: str, models_dir: Path) -> Path:
-    """The policy folder for ``shape``; builds the toy models (and the 1B policy) when missing."""
+def build_policy(shape: str, models_dir: Path, device: str = "cpu") -> Path:
+    """The policy folder for ``shape``; builds the toy models (and the random 1b policy) when missing."""
     from alignment.toy.build import build_toy_models
+    from alignment.toy.shapes import build_random_policy
 
     build_toy_models(models_dir)
     if shape == "toy":
         return models_dir / "policy"
-    out = models_dir / "policy-1b"
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        logger.info("reusing the 1b policy in %s", out)
-        return out
-    import shutil
-
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from alignment.toy.build import ToyShapes, llama_config
-
-    hidden, layers, heads, inter = SHAPE_1B
-    tokenizer = AutoTokenizer.from_pretrained(models_dir / "tokenizer")
-    config = llama_config(ToyShapes(hidden, heads, layers, inter, max_position_embeddings=4096), tokenizer)
-    logger.info("building a random-initialised 1b LlamaForCausalLM (bf16) in %s", out)
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # never materialise fp32 weights
-    try:
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    params = sum(p.numel() for p in model.parameters())
-    logger.info("built %.2fB parameters in %.0f s", params / 1e9, time.perf_counter() - t0)
-    return out
+    return build_random_policy(shape, models_dir, device="cuda" if device.startswith("cuda") else "cpu")
 
 
 def summarise(records: list[dict], warmup: int) -> dict:
-    """Per-iteration means (seconds) of the timed parts, after dropping ``warmup`` iterations."""
-    rows = [r for r in records if r.get("time/iteration") is not None]
-    rows.sort(key=lambda r: r["step"])
+    """Per-iteration means (seconds) of a run's ``metrics.jsonl``, after dropping ``warmup`` iterations."""
+    rows = sorted((r for r in records if r.get("time/iteration") is not None), key=lambda r: r["step"])
     kept = rows[warmup:] if len(rows) > warmup else rows[-1:]
     if not kept:
         raise RuntimeError("metrics.jsonl holds no iteration timings")
-    mean = {label: statistics.fmean(r.get(key) or 0.0 for r in kept) for label, key in PARTS.items()}
-    mean["iteration"] = statistics.fmean(r["time/iteration"] for r in kept)
+    summary = measure.summarise(kept)
+    mean = {label: summary["parts"].get(label, 0.0) for label in PARTS}
+    mean["iteration"] = summary["seconds"]
     mean["other"] = mean["iteration"] - sum(mean[label] for label in PARTS)
-    total_iteration = sum(r["time/iteration"] for r in kept)
-    total_generation = sum(r.get("time/generation") or 0.0 for r in kept)
     return {
         "iterations_kept": len(kept),
         "iterations_logged": len(rows),
         "mean_s": mean,
-        "generate_phase_s": statistics.fmean(r.get("time/generate_phase") or 0.0 for r in kept),
-        "non_generation_share": 1.0 - total_generation / total_iteration,
+        "generate_phase_s": summary["parts"].get("generate phase", 0.0),
+        "non_generation_share": summary["non_generation_share"],
         "weight_bytes_per_iteration": statistics.fmean(r.get("sync/weight_bytes_sent") or 0.0 for r in kept),
         "pairs_sent": statistics.fmean(r.get("scoring/pairs_sent") or 0.0 for r in kept),
         "pairs_without_cache": statistics.fmean(r.get("scoring/pairs_total") or 0.0 for r in kept),
@@ -143,7 +108,7 @@ def summarise(records: list[dict], warmup: int) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-shape", choices=["toy", "1b"], default="toy", help="policy shape")
+    p.add_argument("--model-shape", choices=["toy", "1b", "7b"], default="toy", help="policy shape (7b: GPU)")
     p.add_argument("--models-dir", type=Path, default=REPO / "bench/results/toy-models")
     p.add_argument("--experiment-dir", type=Path, default=REPO / "bench/results/es-runs")
     p.add_argument("--iterations", type=int, default=8)
@@ -164,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lowrank: ES iteration vs pure batched generate vs full-rank ES on one engine",
     )
     p.add_argument("--noise-rank", type=int, default=4)
+    p.add_argument(
+        "--compare-noise",
+        action="store_true",
+        help="full-rank ES with the int64 noise formulation vs the current",
+    )
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per iteration")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -177,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     args = parse_args(argv)
     started = time.perf_counter()
-    policy = build_policy(args.model_shape, args.models_dir)
+    policy = build_policy(args.model_shape, args.models_dir, args.device)
     logs = args.experiment_dir / "scorer"
     logs.mkdir(parents=True, exist_ok=True)
     with start_scorer(
@@ -188,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.start_timeout,
         num_threads=args.scorer_threads,
     ) as proc:
+        if args.compare_noise:
+            print_noise(args, compare_noise(args, policy, proc.url), time.perf_counter() - started)
+            return 0
         if args.noise == "lowrank":
             print_lowrank(args, compare_lowrank(args, policy, proc.url), time.perf_counter() - started)
             return 0
@@ -241,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_lowrank(args: argparse.Namespace, policy: Path, scorer_url: str) -> dict:
-    """(a) pure batched generate, (b) low-rank ES iteration, (c) full-rank ES iteration, interleaved on
-    one engine for ``args.iterations`` iterations; means (s, tokens) over the kept iterations."""
-    from transformers import AutoTokenizer
-
+def _configs(args: argparse.Namespace, policy: Path, modes: tuple[str, ...]) -> dict[str, ESConfig]:
     rows = args.population * args.batch_size
     common = dict(
         policy_model_path=str(policy), backend=args.backend, executor=args.executor, num_engines=args.num_engines,
@@ -254,76 +223,113 @@ def compare_lowrank(args: argparse.Namespace, policy: Path, scorer_url: str) -> 
         temperature=0.0, lambda_cost=1.0, lambda_adapt=True, lambda_lr=0.05, seed=args.seed,
         gen_batch_size=rows, noise_rank=args.noise_rank, save_every=10**6,
     )  # fmt: skip
-    configs = {mode: ESConfig(**common, noise=mode) for mode in ("lowrank", "full")}
+    return {mode: ESConfig(**common, noise=mode) for mode in modes}
+
+
+def _trainer(args: argparse.Namespace, cfg: ESConfig, executor, client: ScorerClient, tag: str) -> ESTrainer:
+    run_dir = args.experiment_dir / f"{tag}-{time.strftime('%Y%m%d_%H%M%S')}"
+    return ESTrainer(cfg, executor, client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4], run_dir)
+
+
+def _progress(i: int, done: dict[str, dict[str, float]]) -> None:
+    logger.info("iteration %d: %s", i, ", ".join(f"{k} {m['time/iteration']:.2f} s" for k, m in done.items()))
+
+
+def compare_lowrank(args: argparse.Namespace, policy: Path, scorer_url: str) -> dict:
+    """(a) pure batched generate, (b) low-rank ES iteration, (c) full-rank ES iteration, interleaved on
+    one engine for ``args.iterations`` iterations (:func:`alignment.es.measure.interleaved`)."""
+    from transformers import AutoTokenizer
+
+    configs = _configs(args, policy, ("lowrank", "full"))
     executor = build_executor(configs["lowrank"])  # a vLLM engine started for low-rank serves both modes
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    count = lambda texts: sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)  # noqa: E731
     client = ScorerClient(scorer_url)
-    trainers, answers = {}, {}
-    for mode, cfg in configs.items():
-        trainers[mode] = ESTrainer(cfg, executor, client, TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS[:4],
-                                   args.experiment_dir / f"lowrank-bench-{mode}-{time.strftime('%Y%m%d_%H%M%S')}")  # fmt: skip
-        answers[mode] = []
-
-        def recording(*a, _original=trainers[mode].score_population, _store=answers[mode], **k):
-            scores, responses, timings = _original(*a, **k)
-            _store.append([r for member in responses for r in member])
-            return scores, responses, timings
-
-        trainers[mode].score_population = recording
-    samples: dict[str, list[tuple[float, int]]] = {"generate": [], "lowrank": [], "full": []}
-    parts: dict[str, list[dict[str, float]]] = {"lowrank": [], "full": []}
     try:
-        for i in range(args.iterations):
-            prompts = batch_prompts(TOY_TRAIN_PROMPTS, args.seed, i, args.batch_size)
-            settings = trainers["lowrank"].settings
-            t0 = time.perf_counter()
-            pure = executor.generate(prompts * args.population, settings)
-            samples["generate"].append((time.perf_counter() - t0, count(pure)))
-            for mode in ("lowrank", "full"):
-                metrics = trainers[mode].step(i)
-                samples[mode].append((metrics["time/iteration"], count(answers[mode][-1])))
-                parts[mode].append({k: metrics[v] for k, v in STEP_PARTS.items()})
-            logger.info("iteration %d: generate %.2f s, low-rank %.2f s, full %.2f s", i,
-                        *(samples[k][-1][0] for k in ("generate", "lowrank", "full")))  # fmt: skip
+        trainers = {
+            mode: _trainer(args, cfg, executor, client, f"lowrank-bench-{mode}")
+            for mode, cfg in configs.items()
+        }
+        steps = {"generate": measure.generate_step(executor, trainers["lowrank"], tokenizer)}
+        steps.update({mode: measure.trainer_step(t, tokenizer) for mode, t in trainers.items()})
+        report = measure.interleaved(steps, args.iterations, args.warmup, _progress)
     finally:
         executor.close()
         client.close()
-    kept = {k: v[args.warmup :] or v[-1:] for k, v in samples.items()}
-    report = {
-        k: {"seconds": statistics.fmean(s for s, _ in v), "tokens": statistics.fmean(n for _, n in v)}
-        for k, v in kept.items()
-    }
-    for mode, rows_of in parts.items():
-        kept_parts = rows_of[args.warmup :] or rows_of[-1:]
-        report[mode]["parts"] = {k: statistics.fmean(r[k] for r in kept_parts) for k in STEP_PARTS}
-    return report | {"rows": rows, "iterations_kept": len(kept["generate"])}
+    return report | {"rows": args.population * args.batch_size}
+
+
+def compare_noise(args: argparse.Namespace, policy: Path, scorer_url: str) -> dict:
+    """Full-rank ES iterations on three engines of ``policy``, interleaved: the int64 formulation of the
+    noise drawn when a member is perturbed (before issue 22), the current formulation drawn the same
+    way, and the current one drawn ahead in a background thread while members generate (the
+    default). Same seeds, same values, same answers."""
+    import noise_int64
+    from transformers import AutoTokenizer
+
+    noise_int64.check_equal()
+    cfg = _configs(args, policy, ("full",))["full"]
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    client = ScorerClient(scorer_url)
+    with noise_int64.in_es_weights():  # the engine's block layout is built in the int64 form too
+        old = build_executor(cfg)
+    on_demand, ahead = build_executor(cfg), build_executor(cfg)
+    for executor in (old, on_demand):
+        executor.engines[0].prefetch = lambda seeds: None  # every member's noise drawn at its perturbation
+    try:
+        steps = {label: measure.trainer_step(_trainer(args, cfg, ex, client, f"noise-bench-{label}"), tokenizer)
+                 for label, ex in (("int64", old), ("int32", on_demand), ("ahead", ahead))}  # fmt: skip
+
+        def int64_step(i: int) -> dict[str, float]:
+            with noise_int64.in_es_weights():
+                return steps["int64"](i)
+
+        return measure.interleaved({**steps, "int64": int64_step}, args.iterations, args.warmup, _progress)
+    finally:
+        for executor in (old, on_demand, ahead):
+            executor.close()
+        client.close()
+
+
+def print_noise(args: argparse.Namespace, report: dict, total_seconds: float) -> None:
+    old, new, ahead = report["int64"], report["int32"], report["ahead"]
+    print(f"\nES noise: int64 formulation vs current, drawn on demand, vs current drawn ahead; full-rank ES "
+          f"({args.model_shape} policy, backend={args.backend}, device={args.device}); population "
+          f"{args.population} x batch {args.batch_size} x {args.max_new_tokens} new tokens; means over "
+          f"{new['iterations']} interleaved iteration(s) after {args.warmup} warm-up")  # fmt: skip
+    for label, r in (("int64 on demand", old), ("int32 on demand", new), ("int32 ahead", ahead)):
+        parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["parts"].items())
+        print(f"    {label:<16} iteration {r['seconds'] * 1e3:8.1f} ms, non-generation "
+              f"{100 * r['non_generation_share']:5.1f} %  ({parts})")  # fmt: skip
+    speed = old["parts"]["perturb/restore"] / new["parts"]["perturb/restore"]
+    verdict = "ok" if ahead["non_generation_share"] <= 0.10 else "ABOVE TARGET"
+    print(f"  total bench time {total_seconds:.0f} s")
+    print(f"es_iteration: noise_compare non_generation_share int64={100 * old['non_generation_share']:.1f}% "
+          f"int32={100 * new['non_generation_share']:.1f}% ahead={100 * ahead['non_generation_share']:.1f}% "
+          f"(target <= 10 %: {verdict}) perturb_restore_ms int64={old['parts']['perturb/restore'] * 1e3:.0f} "
+          f"int32={new['parts']['perturb/restore'] * 1e3:.0f} ahead={ahead['parts']['perturb/restore'] * 1e3:.0f} "
+          f"int64/int32={speed:.2f}x")  # fmt: skip
 
 
 def print_lowrank(args: argparse.Namespace, report: dict, total_seconds: float) -> None:
     gen, low, full = report["generate"], report["lowrank"], report["full"]
-    tput = {k: v["tokens"] / v["seconds"] for k, v in (("generate", gen), ("lowrank", low), ("full", full))}
-    ratio, time_ratio, speedup = (
-        tput["lowrank"] / tput["generate"],
-        gen["seconds"] / low["seconds"],
-        (full["seconds"] / low["seconds"]),
-    )
+    ratio = measure.throughput_ratio(report)
+    time_ratio, speedup = gen["seconds"] / low["seconds"], full["seconds"] / low["seconds"]
     print(f"\nLow-rank ES vs pure batched generate ({args.model_shape} policy, backend={args.backend}, "
           f"device={args.device}, dtype={args.dtype}, rank {args.noise_rank})")  # fmt: skip
     print(f"  one engine; {report['rows']} sequences per iteration (population {args.population} x "
           f"{args.batch_size} prompts) x <= {args.max_new_tokens} new tokens, sigma {args.sigma}; means over "
-          f"{report['iterations_kept']} iteration(s) after {args.warmup} warm-up")  # fmt: skip
+          f"{gen['iterations']} iteration(s) after {args.warmup} warm-up")  # fmt: skip
     for label, key in (("pure generate", "generate"), ("low-rank ES iteration", "lowrank"),
                        ("full-rank ES iteration", "full")):  # fmt: skip
         v = report[key]
-        print(
-            f"    {label:<24} {v['seconds'] * 1e3:9.1f} ms  {v['tokens']:8.0f} tokens  {tput[key]:9.0f} tok/s"
-        )
-        if "parts" in v:
-            print("      " + ", ".join(f"{k} {ms * 1e3:.1f} ms" for k, ms in v["parts"].items()))
+        print(f"    {label:<24} {v['seconds'] * 1e3:9.1f} ms  {v['tokens']:8.0f} tokens  "
+              f"{v['tokens_per_s']:9.0f} tok/s")  # fmt: skip
+        if key != "generate":
+            print("      " + ", ".join(f"{k} {s * 1e3:.1f} ms" for k, s in v["parts"].items()
+                                       if k in ("generate phase", "scoring wait", "update")))  # fmt: skip
     verdict = "ok" if ratio >= 0.9 else "BELOW TARGET"
     # the multi-adapter generation alone (no scoring, update, λ): what the adapters cost the engine
-    gen_ratio = (low["tokens"] / low["parts"]["generate phase"]) / tput["generate"]
+    gen_ratio = (low["tokens"] / low["parts"]["generate phase"]) / gen["tokens_per_s"]
     print(f"  generation-only throughput ratio (members as adapters vs no adapters): {gen_ratio:.3f}")
     print(f"  total bench time {total_seconds:.0f} s")
     print(f"es_iteration: noise=lowrank backend={args.backend} throughput_ratio={ratio:.3f} (target >= 0.9: "

@@ -32,14 +32,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 if importlib.util.find_spec("alignment") is None:  # `python bench/grpo_step.py`, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import TrainerCallback
-
 from alignment.grpo.config import load_grpo_config
+from alignment.grpo.timing import StepClock, TimedScorer
 from alignment.grpo.train_grpo_alignment import train_grpo
 from alignment.scoring.batcher import RewardCostScorer
 from alignment.scoring.client import ScorerClient
@@ -50,43 +48,6 @@ logger = logging.getLogger("bench.grpo_step")
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("http", "inprocess")
-
-
-class StepClock(TrainerCallback):
-    """Wall time of each optimiser step and the time spent inside reward functions during it."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-        self._begin = 0.0
-        self._reward_s = 0.0
-        self._calls = 0
-
-    def add_reward_time(self, seconds: float) -> None:
-        self._reward_s += seconds
-        self._calls += 1
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._begin, self._reward_s, self._calls = time.perf_counter(), 0.0, 0
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        step_s = time.perf_counter() - self._begin
-        self.steps.append({"step_s": step_s, "reward_s": self._reward_s, "reward_calls": self._calls})
-        return control
-
-
-class TimedScorer:
-    """Wraps what the reward function scores with (HTTP client or in-process scorer) and times it."""
-
-    def __init__(self, inner: Any, clock: StepClock) -> None:
-        self.inner, self.clock = inner, clock
-
-    def score(self, prompts: list[str], responses: list[str]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self.inner.score(prompts, responses)
-        finally:
-            self.clock.add_reward_time(time.perf_counter() - t0)
 
 
 def run_once(args: argparse.Namespace, mode: str, tag: str, url: str, scorer: RewardCostScorer) -> dict:

@@ -2,14 +2,17 @@
 
     python bench/noise_devices.py                  # CPU only (equality across devices NOT checked)
     python bench/noise_devices.py --compile        # also the torch.compile'd kernel on CPU (~1 min)
-    python bench/noise_devices.py --size 45088768  # on a GPU machine: CPU vs every cuda:k
+    python bench/noise_devices.py --sizes 45088768  # on a GPU machine: CPU vs every cuda:k
 
 For Llama-7B shaped tensors (and odd shapes that end inside a chunk), the noise of
 (seed, HF name) is drawn on the CPU (eager, the reference) and on every CUDA device, eager and
 compiled, and compared bit for bit; the self-check probe (noise plus the perturbation and update
 arithmetic) must give the reference digest everywhere. Then ns per element of our noise and of
-``torch.randn`` on each device. The last line prints whether all devices agreed and, per device,
-our time over ``torch.randn``'s.
+``torch.randn`` on each device (on a GPU wall time, on the CPU the process's CPU time: a draw of a
+few milliseconds on a shared machine is otherwise charged the time slices it waits), and on the CPU
+of the previous all-int64 formulation of the same values (``bench/noise_int64.py``, checked
+bit-equal first), interleaved over ``--repeat`` rounds (median). The last line prints whether all devices agreed, per device our time over
+``torch.randn``'s, and on the CPU the int64 formulation's time over ours.
 """
 
 from __future__ import annotations
@@ -17,47 +20,27 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 if importlib.util.find_spec("alignment") is None:  # `python bench/noise_devices.py`, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import noise_int64  # noqa: E402 - bench/ is on sys.path: this script's own folder
 import torch
 
+from alignment.doctor.checks.noise import SHAPES, draw, ns_per_element
 from alignment.es import noise
-
-SHAPES = {  # HF name -> shape (Llama-7B layer 0, a norm, and awkward sizes)
-    "model.layers.0.self_attn.q_proj.weight": (4096, 4096),
-    "model.layers.0.mlp.up_proj.weight": (11008, 4096),
-    "model.layers.0.input_layernorm.weight": (4096,),
-    "model.odd.weight": (3, 1_398_107),
-}
-
-
-def draw(device: str, shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    out = {name: noise.gaussian(seed, name, shape, device).cpu() for name, shape in shapes.items()}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return out
-
-
-def ns_per_element(fn, n: int, device: str, repeat: int) -> float:
-    fn()  # warm-up (and compilation)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeat / n * 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=1 << 22, help="elements per timed draw")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[139_712, 1 << 22],
+        help="elements per timed draw, comma-separated (139,712: a toy policy member, as ES draws it)",
+    )
+    p.add_argument("--repeat", type=int, default=7, help="timed rounds (median)")
     p.add_argument("--compile", action="store_true", help="also time the compiled kernel on CPU")
     p.add_argument("--seed", type=int, default=20261203)
     args = p.parse_args(argv)
@@ -86,23 +69,28 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = []
     key = noise.noise_key(args.seed, "model.embed_tokens.weight")
-    for device, device_modes in modes.items():
-        gen = torch.Generator(device=device).manual_seed(0)
-        randn = ns_per_element(
-            lambda d=device, g=gen: torch.randn(args.size, generator=g, device=d),
-            args.size,
-            device,
-            args.repeat,
-        )
-        for mode in device_modes:
-            noise.set_compile_mode(mode)
-            ours = ns_per_element(lambda d=device: noise.normal_range(key, 0, args.size, d), args.size, device,
-                                  args.repeat)  # fmt: skip
-            label = f"{device}/{'compiled' if mode == '1' else 'eager'}"
-            print(
-                f"  {label:<20} {ours:8.2f} ns/element   torch.randn {randn:8.2f}   ratio {ours / randn:6.2f}x"
-            )
-            ratios.append(f"{label}={ours / randn:.2f}x")
+    noise_int64.check_equal()
+    for size in args.sizes:
+        print(f"  draws of {size:,} elements (median of {args.repeat}, interleaved):")
+        for device, device_modes in modes.items():
+            gen = torch.Generator(device=device).manual_seed(0)
+            for mode in device_modes:
+                noise.set_compile_mode(mode)
+                label = f"{device}/{'compiled' if mode == '1' else 'eager'}"
+                fns = {
+                    "ours": lambda d=device, n=size: noise.normal_range(key, 0, n, d),
+                    "randn": lambda d=device, g=gen, n=size: torch.randn(n, generator=g, device=d),
+                }
+                if device == "cpu" and mode == "0":
+                    fns["int64"] = lambda n=size: noise_int64.normal_range(key, 0, n, "cpu")
+                t = ns_per_element(fns, size, device, args.repeat)
+                print(f"    {label:<18} {t['ours']:8.2f} ns/element   torch.randn {t['randn']:8.2f}   "
+                      f"ratio {t['ours'] / t['randn']:6.2f}x")  # fmt: skip
+                ratios.append(f"{label}@{size}={t['ours'] / t['randn']:.2f}x")
+                if "int64" in t:
+                    print(f"    {'cpu/eager int64':<18} {t['int64']:8.2f} ns/element   (the previous formulation: "
+                          f"{t['int64'] / t['ours']:.2f}x ours)")  # fmt: skip
+                    ratios.append(f"int64_over_ours@{size}={t['int64'] / t['ours']:.2f}x")
     all_agree = len(agree) == sum(len(m) for m in modes.values())
     print(f"noise_devices: devices_equal={'yes' if all_agree else 'NO'} ({len(devices)} device(s)) "
           f"ours_over_randn {' '.join(ratios)}")  # fmt: skip

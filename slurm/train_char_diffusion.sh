@@ -12,7 +12,7 @@
 #   bash slurm/train_char_diffusion.sh --max_iters 2                      # here and now
 #
 # Prepare the data once first (CPU, seconds): python -m alignment.char_diffusion.prepare --input
-# input.txt --out data/char_diffusion. Arguments are flags of the stage's CLI (after EXTRA_ARGS, so
+# input.txt --out models/char_diffusion/gpu/data. Arguments are flags of the stage's CLI (after EXTRA_ARGS, so
 # they win), e.g. --group_size=16 --kl_beta=0.2 --learning_rate=5e-6. SLURM opens the --output file
 # before the script runs: `mkdir -p logs` before submitting.
 #

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from alignment import cli
 from alignment.char_diffusion.data import CLS, MASK, PAD, CharData, Vocab, check_same_vocab
 from alignment.char_diffusion.masking import (
     apply_mask,
@@ -23,6 +24,7 @@ from alignment.char_diffusion.masking import (
 from alignment.char_diffusion.prepare import main as prepare_main
 from alignment.char_diffusion.prepare import prepare, split_text
 from alignment.char_diffusion.synthetic import LINE_LENGTH, synthetic_text
+from alignment.cli import UserError
 from tests.conftest import REPO, SHARED_REFERENCE
 
 TEXT = "ab c\nhello there\nxyz\n" * 20
@@ -52,14 +54,15 @@ def test_prepare_cli_runs_as_a_module_and_fails_naming_the_file(tmp_path):
     script = (
         "import sys; from alignment.char_diffusion.prepare import main\n"
         f"main(['--input', {str(src)!r}, '--out', {str(tmp_path / 'd')!r}, '--block_size', '8'])\n"
-        f"main(['--input', {str(bad)!r}, '--out', {str(tmp_path / 'e')!r}])\n"
+        "from alignment import cli\n"
+        f"cli.run(main, ['--input', {str(bad)!r}, '--out', {str(tmp_path / 'e')!r}])\n"
     )
     # the CLI as users run it: one subprocess (python -m is the same main) for both outcomes
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert "vocab_size 17" in proc.stdout and CharData(tmp_path / "d").block_size == 8
-    assert proc.returncode == 1 and f"error: {bad} is empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and f"error: {bad} is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -67,14 +70,16 @@ def test_prepare_cli_runs_as_a_module_and_fails_naming_the_file(tmp_path):
     [(b"", "is empty"), (b"good text\n\xff\xfe bad", "not UTF-8 text: byte 0xff at offset 10"),
      (b"short\n", "fewer than block_size")],
 )  # fmt: skip
-def test_bad_text_errors_name_the_file(tmp_path, content, fragment):
+def test_bad_text_errors_name_the_file(tmp_path, capsys, content, fragment):
     src = tmp_path / "bad.txt"
     src.write_bytes(content)
-    with pytest.raises(ValueError, match=fragment) as err:
+    with pytest.raises(UserError, match=fragment) as err:
         prepare(src, tmp_path / "d", block_size=64)
     assert str(src) in str(err.value)
-    with pytest.raises(SystemExit, match=fragment):
-        prepare_main(["--input", str(src), "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(prepare_main, ["--input", str(src), "--out", str(tmp_path / "d")], prog="prepare")
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err_lines) == 1 and fragment in err_lines[0]
 
 
 def test_split_is_at_a_line_start():
@@ -150,7 +155,7 @@ def test_masked_input_has_only_mask_at_masked_positions(tmp_path):
 def test_vocab_mismatch_names_both_sources():
     a, b = Vocab.from_text("abc"), Vocab.from_text("abd")
     check_same_vocab(a, "x", Vocab.from_text("cab"), "y")
-    with pytest.raises(ValueError, match=r"vocabulary mismatch between gen\.pt .* and meta\.json .*'c'.*'d'"):
+    with pytest.raises(UserError, match=r"vocabulary mismatch between gen\.pt .* and meta\.json .*'c'.*'d'"):
         check_same_vocab(a, "gen.pt", b, "meta.json")
 
 

@@ -87,6 +87,12 @@ class Counting(torch.nn.Module):
         self.rows += x.shape[0]
         return self.model(x)
 
+    def corrupted_fraction(self, filled: torch.Tensor, *masked: torch.Tensor) -> torch.Tensor:
+        """A judge's scoring entry point (filled [B, k, T]): counted as one call on B·k rows."""
+        self.calls += 1
+        self.rows += filled.shape[0] * filled.shape[1]
+        return self.model.corrupted_fraction(filled, *masked)
+
 
 def _models(block: int = 6) -> tuple[Generator, Generator, Judge]:
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from alignment.char_diffusion.checkpoint import (
 )
 from alignment.char_diffusion.data import Vocab
 from alignment.char_diffusion.model import Generator, Judge, ModelArgs, apply_rope, rope_tables
+from alignment.cli import UserError
 
 VOCAB = Vocab.from_text("abc\n")  # 4 characters + [MASK] [PAD] [CLS]
 
@@ -91,24 +92,24 @@ def test_missing_or_unexpected_keys_are_errors_naming_the_file(tmp_path):
     ckpt = read_checkpoint(path)
     state = dict(ckpt["model"])
     del state["body.norm.weight"]
-    with pytest.raises(ValueError, match=r"ckpt\.pt.*missing keys \['body\.norm\.weight'\]"):
+    with pytest.raises(UserError, match=r"ckpt\.pt.*missing keys \['body\.norm\.weight'\]"):
         model_from_checkpoint({**ckpt, "model": state}, path)
     state = {**ckpt["model"], "extra.weight": torch.zeros(1)}
-    with pytest.raises(ValueError, match=r"unexpected keys \['extra\.weight'\]"):
+    with pytest.raises(UserError, match=r"unexpected keys \['extra\.weight'\]"):
         load_strict(tiny(), state, path)
     state = {**ckpt["model"], "body.norm.weight": torch.zeros(3)}
-    with pytest.raises(ValueError, match="shape mismatches"):
+    with pytest.raises(UserError, match="shape mismatches"):
         load_strict(tiny(), state, path)
 
 
 def test_judge_checkpoint_given_as_generator_is_an_error(tmp_path):
     path = save_checkpoint(tmp_path / "judge.pt", model=tiny("judge"), vocab=VOCAB, iteration=0, config={})
     with pytest.raises(
-        ValueError, match=rf"{path} is a judge checkpoint, but generator_checkpoint must be a generator"
+        UserError, match=rf"{path} is a judge checkpoint, but generator_checkpoint must be a generator"
     ):
         load_model(path, "generator", "generator_checkpoint")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt.*not a readable checkpoint"):
+    with pytest.raises(UserError, match="junk.pt.*not a readable checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="judge_checkpoint not found"):
         read_checkpoint(tmp_path / "none.pt", "judge", "judge_checkpoint")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignment import cli
 from alignment.char_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from alignment.char_diffusion.config import GRPOConfig, PretrainConfig
 from alignment.char_diffusion.data import CharData, Vocab
@@ -21,6 +22,7 @@ from alignment.char_diffusion.prepare import prepare
 from alignment.char_diffusion.train import main as train_main
 from alignment.char_diffusion.train import pretrain
 from alignment.char_diffusion.train_grpo import train_grpo
+from alignment.cli import UserError
 from alignment.config import load_config
 from alignment.tracking import read_jsonl_metrics, read_tensorboard_scalars
 from tests.conftest import REPO
@@ -91,7 +93,11 @@ def test_grpo_command_line_metrics_samples_and_checkpoint(char_diffusion_models,
            "--sample_interval", "2", "--save_interval", "2"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out judge reward" in proc.stdout and "fill accuracy" in proc.stdout
+    table = proc.stdout.splitlines()
+    assert table[0].split() == ["held-out", "iteration", "judge", "reward", "fill", "accuracy"]
+    assert table[1].split()[:2] == ["start", "0"] and table[2].split()[:2] == ["last", "3"]
+    assert f"best held-out fill accuracy: {out / 'best' / 'ckpt.pt'}" in proc.stdout
+    assert read_checkpoint(out / "best" / "ckpt.pt", "generator")["iteration"] in (0, 3)
     config = json.loads((out / "config.json").read_text())
     assert (config["group_size"], config["kl_beta"], config["learning_rate"]) == (4, 0.2, 5e-6)
     assert (config["temperature"], config["top_p"], config["kl_estimator"]) == (0.8, 0.95, "exact")
@@ -125,30 +131,34 @@ def test_judge_targets_are_the_fraction_the_fills_changed(char_diffusion_models)
     assert torch.equal(target, (filled != tokens.repeat_interleave(2, 0)).float().mean(1))
 
 
-def test_bad_inputs_are_errors_naming_the_file(char_diffusion_models, tmp_path):
+def test_bad_inputs_are_errors_naming_the_file(char_diffusion_models, tmp_path, capsys):
     m = char_diffusion_models
-    with pytest.raises(ValueError, match=f"{m['judge']} is a judge checkpoint, but generator_checkpoint"):
+    with pytest.raises(UserError, match=f"{m['judge']} is a judge checkpoint, but generator_checkpoint"):
         train_grpo(_grpo_cfg(m, tmp_path / "x", generator_checkpoint=m["judge"]))
     text = Path(m["text"]).read_text(encoding="utf-8")
     other = tmp_path / "other.txt"
     other.write_text(text + "Zebra\n", encoding="utf-8")
     prepare(other, tmp_path / "other", block_size=32)
     with pytest.raises(
-        ValueError, match=rf"vocabulary mismatch between {m['generator']} .* and .*other/meta\.json"
+        UserError, match=rf"vocabulary mismatch between {m['generator']} .* and .*other/meta\.json"
     ):
         train_grpo(_grpo_cfg(m, tmp_path / "x", dataset=str(tmp_path / "other")))
     prepare(m["text"], tmp_path / "short", block_size=16)
-    with pytest.raises(
-        ValueError, match=rf"{m['generator']} has block_size 32 but .*short/meta\.json has 16"
-    ):
+    with pytest.raises(UserError, match=rf"{m['generator']} has block_size 32 but .*short/meta\.json has 16"):
         train_grpo(_grpo_cfg(m, tmp_path / "x", dataset=str(tmp_path / "short")))
     foreign = Vocab.from_text(text + "Q")
     judge = Judge(ModelArgs("judge", foreign.size, 32, 1, 2, 8))
     bad_judge = save_checkpoint(tmp_path / "judge.pt", model=judge, vocab=foreign, iteration=0, config={})
-    with pytest.raises(ValueError, match=rf"vocabulary mismatch between {bad_judge}"):
+    with pytest.raises(UserError, match=rf"vocabulary mismatch between {bad_judge}"):
         train_grpo(_grpo_cfg(m, tmp_path / "x", judge_checkpoint=str(bad_judge)))
-    with pytest.raises(SystemExit, match="config file not found|not found"):
-        train_main(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(train_main, ["--config", str(tmp_path / "missing.yaml")], prog="train")
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and err.startswith("train: error: config file not found")
+        and "Traceback" not in err
+    )
 
 
 def test_resume_refuses_a_checkpoint_with_unexpected_keys(char_diffusion_models, tmp_path):
@@ -159,7 +169,7 @@ def test_resume_refuses_a_checkpoint_with_unexpected_keys(char_diffusion_models,
     ckpt["model"]["body.extra"] = torch.zeros(1)
     torch.save(ckpt, path)
     with pytest.raises(
-        ValueError, match=rf"{path}: state dict does not match the model: .*unexpected keys \['body\.extra'\]"
+        UserError, match=rf"{path}: state dict does not match the model: .*unexpected keys \['body\.extra'\]"
     ):
         train_grpo(_grpo_cfg(char_diffusion_models, tmp_path / "r", max_iters=2), resume=True)
 
@@ -181,5 +191,5 @@ def test_resume_refuses_another_judge(char_diffusion_models, tmp_path):
     ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 1.0
     other = tmp_path / "other-judge.pt"
     torch.save(ckpt, other)
-    with pytest.raises(ValueError, match=rf"the judge model differs .*judge_checkpoint {other} changed"):
+    with pytest.raises(UserError, match=rf"the judge model differs .*judge_checkpoint {other} changed"):
         train_grpo(_grpo_cfg(m, tmp_path / "r", max_iters=2, judge_checkpoint=str(other)), resume=True)

@@ -82,6 +82,21 @@ USER_ERRORS: list[tuple[str, list[str], str]] = [
     ("alignment.persona.recipe", ["--prepared", "{tmp}/none", "--data", "{tmp}/none.jsonl"], "no such data file"),
     ("alignment.persona.toy", ["--seed", "x"], "invalid int value"),
     ("alignment.persona.demo", ["--models-dir"], "expected one argument"),
+    # character diffusion
+    ("alignment.char_diffusion.prepare", ["--input", "{tmp}/none.txt", "--out", "{tmp}/d"], "input text not found"),
+    ("alignment.char_diffusion.prepare", ["--input", "{file}", "--out", "{tmp}/d"], "fewer than block_size"),
+    ("alignment.char_diffusion.train", ["--config", "{typo_yaml}"], "unknown key 'lamda_lr'"),
+    ("alignment.char_diffusion.train", ["--dataset", "{tmp}/none"], "prepare the data first"),
+    ("alignment.char_diffusion.train_judge", ["--judge_head", "mlp"], "is not one of"),
+    ("alignment.char_diffusion.train_grpo", ["--group_size", "1"], "group_size must be >= 2"),
+    ("alignment.char_diffusion.train_grpo", ["--dataset", "{tmp}"], "prepare the data first"),
+    ("alignment.char_diffusion.evaluate", ["--config", "{typo_yaml}", "--policy", "p.pt"], "unknown key 'lamda_lr'"),
+    ("alignment.char_diffusion.recipe", ["--text", "{tmp}/none.txt", "--out", "{tmp}/r"], "text not found"),
+    ("alignment.char_diffusion.recipe", ["--set", "gpro.kl_beta=0.1"], "the stages are train, judge, grpo"),
+    ("alignment.char_diffusion.build", ["--out"], "expected one argument"),
+    # doctor
+    ("alignment.doctor", ["--device", "cpu", "--policy-shape", "7b"], "the 7b shape is built on a GPU only"),
+    ("alignment.doctor", ["--limit", "es=soon"], "expected CHECK=SECONDS"),
 ]  # fmt: skip
 CLIS = sorted({module for module, _, _ in USER_ERRORS})
 
@@ -219,6 +234,7 @@ NO_OUTPUT_FOLDER = {
     "alignment.visualization.plot_gpt_elo_figure",
     "alignment.visualization.plot_training_curves",
     "alignment.alpaca.recover",
+    "alignment.char_diffusion.evaluate",  # prints its figures
 }
 
 

@@ -92,3 +92,27 @@ def test_sampling_engines_in_threads_are_reproducible(toy_models):
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
     assert together[0] == [alone[0]] * 3 and together[1] == [alone[1]] * 3
+
+
+def test_stop_criteria_are_built_once_and_stop_answers_as_stop_strings_do(toy_models):
+    """The cached criteria give the answers of ``generate(stop_strings=...)`` (greedy, bit for bit),
+    and one object serves every call with that tokenizer and device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.conversation import STOP_MARKERS, generate_answers, stop_criteria
+    from alignment.toy import TOY_EVAL_PROMPTS
+
+    tok = AutoTokenizer.from_pretrained(toy_models / "policy")
+    model = AutoModelForCausalLM.from_pretrained(toy_models / "policy").eval()
+    prompts = TOY_EVAL_PROMPTS[:8]
+    tok.padding_side = "left"  # as generate_answers pads
+    enc = tok([prompt_text(p) for p in prompts], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        ids = model.generate(**enc, max_new_tokens=24, do_sample=False, temperature=None, top_p=None,
+                             stop_strings=list(STOP_MARKERS), tokenizer=tok, pad_token_id=tok.pad_token_id)  # fmt: skip
+    texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert generate_answers(model, tok, prompts, 24) == [truncate_at_stop(t) for t in texts]
+    first = stop_criteria(tok, STOP_MARKERS, "cpu")[0]
+    assert stop_criteria(tok, STOP_MARKERS, "cpu")[0] is first
+    assert stop_criteria(tok, ("USER:",), "cpu")[0] is not first

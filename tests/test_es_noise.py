@@ -11,6 +11,7 @@ import subprocess
 import sys
 from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,12 +80,47 @@ def test_inverse_cdf_matches_exact_quantiles():
     edges = torch.tensor([0, 1, 255, 256, 257, 2**20, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1])
     bits = torch.cat([torch.randint(0, 2**32, (20_000,), generator=gen, dtype=torch.int64), edges])
     st = cpu_state()
-    z = bits_to_normal(bits, st.table, st.diffs).double()
+    as_int32 = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # the same 32-bit patterns
+    z = bits_to_normal(as_int32, st.table, st.constants).double()
     m = (bits & 0x7FFFFFFF).tolist()
     exact = torch.tensor([-NormalDist().inv_cdf((2 * v + 1) * 2.0**-33) for v in m], dtype=torch.float64)
     exact = torch.where((bits >> 31) == 1, -exact, exact)
     assert (z - exact).abs().max() < 1e-6
     assert 6.2 < z.abs().max() < 6.4  # the tails reach p = 2^-33
+
+
+def spec_normal(key: tuple[int, int, int], index: int) -> float:
+    """The noise definition in plain Python integers: the kernels (int32 tensors) must equal it."""
+    mask = 2**32 - 1
+    x = index
+    for word, (c1, c2) in zip(
+        key, zip(noise._MULTIPLIERS[::2], noise._MULTIPLIERS[1::2], strict=True), strict=True
+    ):
+        x ^= word
+        x ^= x >> 16
+        x = (x * c1) & mask
+        x ^= x >> 15
+        x = (x * c2) & mask
+        x ^= x >> 16
+    v = 2 * (x & 0x7FFFFFFF) + 1  # p = v * 2**-33
+    octave = v.bit_length() - 1
+    rest = (v - (1 << octave)) << (31 - octave)  # the bits below the leading one, 31 of them
+    idx, frac = octave * 256 + (rest >> 23), rest & (2**23 - 1)
+    table = noise._TABLE
+    z = int(table[idx]) - ((int(table[idx] - table[idx + 1]) * frac) >> 23)
+    z = -z if x >> 31 else z
+    return float(np.float32(z)) * 2.0**-24
+
+
+def test_kernel_equals_the_plain_integer_definition_at_every_boundary():
+    """Counters at the int32 sign boundary and the end of the 32-bit range, chunk edges, both paths."""
+    key = noise_key(9, "model.layers.0.mlp.down_proj.weight")
+    for start in (0, 65_530, 2**31 - 5, 2**32 - 9):
+        got = normal_range(key, start, 9, "cpu").tolist()
+        assert got == [spec_normal(key, start + i) for i in range(9)], start
+    segments = [(noise_key(1, "a"), 2**31 - 2, 4), (noise_key(2, "b"), 2**32 - 3, 3), (key, 0, 2)]
+    expected = [spec_normal(k, s + i) for k, s, n in segments for i in range(n)]
+    assert normal_segments(segments, "cpu").tolist() == expected
 
 
 def test_large_draws_are_standard_normal():

@@ -166,3 +166,22 @@ def test_checksum_sees_a_one_bit_difference(toy_models):
         bits = w.view(torch.int16)
         bits[3] ^= 1
     assert weights_checksum(named(model).items()) != before
+
+
+def test_noise_drawn_ahead_in_a_thread_gives_the_weights_drawn_on_demand(toy_models):
+    """prefetch() draws the members in a background thread while the engine would generate; every
+    perturbation and the update are bit for bit those of an engine drawing each noise when needed."""
+    ahead, demand = load_policy(toy_models, torch.float32), load_policy(toy_models, torch.float32)
+    pa, pd = PerturbableParams(named(ahead)), PerturbableParams(named(demand), cache_bytes=0)
+    seeds, coefs = [11, 12, 12, 13], [0.5, -0.25, 0.25, 1.0]  # an antithetic pair shares a seed
+    pa.prefetch(seeds)
+    for seed, sign in zip(seeds, [1.0, 1.0, -1.0, 1.0], strict=True):
+        pa.perturb(seed, 0.05, sign)
+        pd.perturb(seed, 0.05, sign)
+        assert pa.live_checksum() == pd.live_checksum()
+        pa.restore()
+        pd.restore()
+    pa.apply_update(seeds, coefs, scale=0.01)
+    pd.apply_update(seeds, coefs, scale=0.01)
+    assert pa._cache._thread is None and not pa._cache._noise  # the thread is joined, the noise dropped
+    assert all(torch.equal(x, y) for x, y in zip(named(ahead).values(), named(demand).values(), strict=True))

@@ -10,13 +10,13 @@ reused. :data:`DEMO` is what ``make demo`` builds; tests build :data:`TINY` (sec
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignment import cli
 from alignment.char_diffusion.config import JudgeConfig, PretrainConfig
 from alignment.char_diffusion.prepare import prepare
 from alignment.char_diffusion.synthetic import LINE_LENGTH, write_synthetic_text
@@ -80,14 +80,15 @@ def build(out: str | Path, settings: BuildSettings = DEMO, force: bool = False) 
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="models/char_diffusion")
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", default="models/char_diffusion", help="folder to build into")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(json.dumps(build(a.out, DEMO, a.force), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -31,6 +31,7 @@ from torch import nn
 from alignment.atomic import write_bytes
 from alignment.char_diffusion.data import Vocab
 from alignment.char_diffusion.model import Generator, Judge, Kind, ModelArgs, build_model
+from alignment.cli import UserError
 from alignment.rng import rng_state
 
 CKPT_NAME = "ckpt.pt"
@@ -72,17 +73,17 @@ def read_checkpoint(path: str | Path, kind: Kind | None = None, role: str = "che
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path} ({role}) is not a readable checkpoint: {exc}") from exc
+        raise UserError(f"{path} ({role}) is not a readable checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
+        raise UserError(
             f"{path} ({role}) is not a char_diffusion checkpoint (format {got!r}, want {FORMAT!r})"
         )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise ValueError(f"{path} ({role}) lacks {missing}")
+        raise UserError(f"{path} ({role}) lacks {missing}")
     if kind is not None and ckpt["kind"] != kind:
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, but {role} must be a {kind} checkpoint")
+        raise UserError(f"{path} is a {ckpt['kind']} checkpoint, but {role} must be a {kind} checkpoint")
     return ckpt
 
 
@@ -94,7 +95,7 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str |
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise UserError(
             f"{source}: state dict does not match the model: missing keys {missing}, unexpected keys "
             f"{unexpected}, shape mismatches {shapes}"
         )
@@ -106,7 +107,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path) -> Generator
     try:
         args = ModelArgs(**ckpt["model_args"])
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: bad model_args {ckpt['model_args']!r}: {exc}") from exc
+        raise UserError(f"{source}: bad model_args {ckpt['model_args']!r}: {exc}") from exc
     model = build_model(args)
     load_strict(model, ckpt["model"], source)
     return model

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignment.char_diffusion.masking import Strategy
+from alignment.char_diffusion.model import JudgeHead
 from alignment.config import field_help as _help
 from alignment.pg.advantages import Baseline, Scale
 from alignment.pg.kl import KLEstimator
@@ -18,8 +19,10 @@ from alignment.pg.kl import KLEstimator
 class RunConfig:
     """What every trainer shares: data, masking, optimisation, logging, checkpoints, system."""
 
-    dataset: str = field(default="data/char_diffusion", metadata=_help("folder written by prepare"))
-    out_dir: str = "out-char-diffusion"
+    dataset: str = field(
+        default="models/char_diffusion/gpu/data", metadata=_help("folder written by prepare")
+    )
+    out_dir: str = "models/char_diffusion/gpu/generator"
     # masking (see alignment/char_diffusion/masking.py)
     mask_strategy: Strategy = "random"
     mask_min: float = field(default=0.15, metadata=_help("per-row masked fraction drawn from [min, max]"))
@@ -91,8 +94,10 @@ class JudgeConfig(ModelShape, RunConfig):
     """``python -m alignment.char_diffusion.train_judge``: predict the fraction of characters the
     generator's own fills changed."""
 
-    out_dir: str = "out-judge"
-    generator_checkpoint: str = field(default="out-char-diffusion/ckpt.pt", metadata=_help("frozen filler"))
+    out_dir: str = "models/char_diffusion/gpu/judge"
+    generator_checkpoint: str = field(
+        default="models/char_diffusion/gpu/generator/ckpt.pt", metadata=_help("frozen filler")
+    )
     init_from_generator: bool = field(
         default=True,
         metadata=_help("start the judge's body from the generator's (its shape is then the generator's)"),
@@ -101,6 +106,13 @@ class JudgeConfig(ModelShape, RunConfig):
     mask_max: float = 0.5
     fills_per_block: int = field(
         default=4, metadata=_help("fills of each masked block (rows = batch_size × this)")
+    )
+    judge_head: JudgeHead = field(
+        default="cls",
+        metadata=_help(
+            "cls: one logit at [CLS] for the corrupted fraction (the seed's); tokens: one per "
+            "character, was it replaced (ELECTRA), the fraction is their mean"
+        ),  # fmt: skip
     )
     temperature: float = 0.8
     top_p: float = 0.95
@@ -115,11 +127,13 @@ class JudgeConfig(ModelShape, RunConfig):
 class GRPOConfig(RunConfig):
     """``python -m alignment.char_diffusion.train_grpo``: the seed's defaults."""
 
-    out_dir: str = "out-grpo"
+    out_dir: str = "models/char_diffusion/gpu/grpo"
     generator_checkpoint: str = field(
-        default="out-char-diffusion/ckpt.pt", metadata=_help("policy θ₀ and π_ref")
+        default="models/char_diffusion/gpu/generator/ckpt.pt", metadata=_help("policy θ₀ and π_ref")
     )
-    judge_checkpoint: str = field(default="out-judge/ckpt.pt", metadata=_help("frozen reward model"))
+    judge_checkpoint: str = field(
+        default="models/char_diffusion/gpu/judge/ckpt.pt", metadata=_help("frozen reward model")
+    )
     group_size: int = field(default=8, metadata=_help("fills sampled per masked input (k)"))
     kl_beta: float = field(default=0.1, metadata=_help("weight of the KL penalty to the reference"))
     kl_estimator: KLEstimator = field(
@@ -157,6 +171,26 @@ class GRPOConfig(RunConfig):
     eval_interval: int = 100
     eval_iters: int = 4
     eval_batch_size: int = 16
+    eval_seed: int | None = field(
+        default=None, metadata=_help("seed of the held-out blocks, masks and draws (default: seed)")
+    )
+    hack_patience: int = field(
+        default=2,
+        metadata=_help(
+            "warn 'judge hacking' after this many evaluations in a row with the reward above and the "
+            "fill accuracy below the most accurate evaluation so far (0: never)"
+        ),
+    )
+    hack_tolerance: float = field(
+        default=0.005, metadata=_help("how far below the best fill accuracy counts as fallen")
+    )
+    judge_min_agreement: float = field(
+        default=0.55,
+        metadata=_help(
+            "warn at the first evaluation when the judge orders the fills of a block as their "
+            "accuracy does less often than this (0.5 = chance: GRPO can only game it)"
+        ),  # fmt: skip
+    )
     wandb_project: str = "grpo"
     wandb_run_name: str | None = "grpo_run"
 
@@ -166,7 +200,16 @@ class GRPOConfig(RunConfig):
             raise ValueError(
                 f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        if self.num_inner_epochs < 1 or self.eval_batch_size < 1 or self.sample_interval < 0:
-            raise ValueError("num_inner_epochs and eval_batch_size must be >= 1, sample_interval >= 0")
+        if (
+            self.num_inner_epochs < 1
+            or self.eval_batch_size < 1
+            or self.sample_interval < 0
+            or self.hack_patience < 0
+            or self.hack_tolerance < 0
+        ):
+            raise ValueError(
+                "num_inner_epochs and eval_batch_size must be >= 1; sample_interval, hack_patience and "
+                "hack_tolerance >= 0"
+            )
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.kl_beta < 0:
             raise ValueError("need temperature > 0, 0 < top_p <= 1, kl_beta >= 0")

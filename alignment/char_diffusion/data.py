@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignment.cli import UserError
+
 MASK, PAD, CLS = "[MASK]", "[PAD]", "[CLS]"
 SPECIALS = (MASK, PAD, CLS)
 META_FILE = "meta.json"
@@ -43,7 +45,7 @@ class Vocab:
 
     def __post_init__(self) -> None:
         if self.itos[-3:] != SPECIALS:
-            raise ValueError(f"a vocabulary must end with {SPECIALS}, got {self.itos[-3:]}")
+            raise UserError(f"a vocabulary must end with {SPECIALS}, got {self.itos[-3:]}")
 
     @property
     def size(self) -> int:
@@ -74,7 +76,7 @@ class Vocab:
         try:
             return [stoi[c] for c in text]
         except KeyError as exc:
-            raise ValueError(f"character {exc.args[0]!r} is not in the vocabulary") from exc
+            raise UserError(f"character {exc.args[0]!r} is not in the vocabulary") from exc
 
     def decode(self, ids: Any, readable: bool = False) -> str:
         """Text of ``ids``; ``readable`` shows [MASK] as a box and newlines as a return sign, one glyph
@@ -110,7 +112,7 @@ def check_same_vocab(a: Vocab, a_name: str, b: Vocab, b_name: str) -> None:
         if only_a or only_b
         else ("same characters in another order")
     )
-    raise ValueError(
+    raise UserError(
         f"vocabulary mismatch between {a_name} ({a.size} tokens) and {b_name} ({b.size} tokens): {detail}"
     )
 
@@ -137,7 +139,7 @@ class CharData:
             )
         meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
         if meta.get("format") != META_FORMAT:
-            raise ValueError(f"{self.meta_path}: format {meta.get('format')!r} is not {META_FORMAT!r}")
+            raise UserError(f"{self.meta_path}: format {meta.get('format')!r} is not {META_FORMAT!r}")
         self.vocab = Vocab(tuple(meta["itos"]))
         self.block_size = int(meta["block_size"])
         self.tokens: dict[str, np.ndarray] = {}
@@ -146,16 +148,16 @@ class CharData:
             path = self.dir / f"{split}.bin"
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
             if len(tokens) and int(tokens.max()) >= self.vocab.size:
-                raise ValueError(f"{path} holds ids >= vocab_size {self.vocab.size} of {self.meta_path}")
+                raise UserError(f"{path} holds ids >= vocab_size {self.vocab.size} of {self.meta_path}")
             self.tokens[split] = tokens
             self.starts[split] = line_starts(tokens, self.vocab.newline_id, self.block_size)
             if len(self.starts[split]) == 0:
-                raise ValueError(f"{path}: no line-aligned block of block_size {self.block_size} fits")
+                raise UserError(f"{path}: no line-aligned block of block_size {self.block_size} fits")
 
     def check_block_size(self, block_size: int, source: str) -> None:
         """Raise naming ``source`` and the meta file when a model was built for another block size."""
         if block_size != self.block_size:
-            raise ValueError(
+            raise UserError(
                 f"block size mismatch: {source} has block_size {block_size} but {self.meta_path} has "
                 f"{self.block_size}"
             )

@@ -120,8 +120,7 @@ def rollout(policy: nn.Module, reference: nn.Module, judge: nn.Module, tokens: t
     with torch.no_grad():
         ref_logits, _ = sampling_logits(reference(inp).float()[mask], cfg.temperature, 1.0, banned)
         filled = place_fills(inp, mask, draws)  # [B, k, T]
-        b, k, t = filled.shape
-        rewards = judge_rewards(judge, filled.view(b * k, t)).view(b, k).float()
+        rewards = judge_rewards(judge, filled, inp, mask).float()
         truth = tokens[mask].unsqueeze(0)  # [1, N]
         accuracy = float((draws == truth).float().mean())
     ro = Rollout(tokens, inp, mask, draws, filled, keep, fill_logprobs(dist, draws).detach(), ref_logits, rewards,

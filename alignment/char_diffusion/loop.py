@@ -8,7 +8,6 @@ evaluation every ``eval_interval`` and an atomic ``out_dir/ckpt.pt`` every ``sav
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from alignment import cli
 from alignment.char_diffusion import runtime as rt_
 from alignment.char_diffusion.checkpoint import (
     CKPT_NAME,
@@ -28,7 +28,8 @@ from alignment.char_diffusion.checkpoint import (
 from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import Vocab, check_same_vocab
 from alignment.char_diffusion.runtime import Runtime
-from alignment.config import ConfigError, add_dataclass_args, config_from_args, config_to_dict
+from alignment.cli import UserError
+from alignment.config import add_dataclass_args, config_from_args, config_to_dict
 from alignment.distributed import mean_over_ranks, micro_sync, wrap
 from alignment.rng import set_rng_state
 from alignment.tracking import Tracker
@@ -65,11 +66,11 @@ def resume_state(path: Path, model: nn.Module, vocab: Vocab, optimizer: torch.op
     ckpt = read_checkpoint(path, model.args.kind, "--resume checkpoint")
     check_same_vocab(Vocab(tuple(ckpt["vocab"])), str(path), vocab, "the data")
     if ckpt["model_args"] != model.args.to_dict():
-        raise ValueError(
+        raise UserError(
             f"{path}: model_args {ckpt['model_args']} differ from this run's {model.args.to_dict()}"
         )
     if ckpt["optimizer"] is None or ckpt["scheduler"] is None:
-        raise ValueError(f"{path} holds no optimizer/scheduler state: it cannot be resumed")
+        raise UserError(f"{path} holds no optimizer/scheduler state: it cannot be resumed")
     load_strict(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -129,14 +130,13 @@ def run_cli(
     doc: str, cls: type, run: Callable[..., dict[str, Any]], argv: list[str] | None, config_help: str
 ) -> dict[str, Any]:
     """The shell of the three trainer CLIs: ``--config`` YAML, ``--resume``, one flag per field of
-    ``cls``; a bad config or input ends the process with ``error: ...`` instead of a traceback."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ``cls``. Bad input raises :class:`alignment.cli.UserError` (a bad config its subclass
+    ``ConfigError``); the trainer's ``main`` runs under :func:`alignment.cli.run`, which makes it one
+    line on stderr and exit code 2."""
+    p = cli.parser(doc)
     p.add_argument("--config", help=config_help)
     p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
     add_dataclass_args(p, cls)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(config_from_args(cls, a, a.config), resume=a.resume)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    return run(config_from_args(cls, a, a.config), resume=a.resume)

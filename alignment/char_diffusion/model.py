@@ -3,9 +3,17 @@
 * :class:`Generator`: logits over the vocabulary at **every** position, ``[B, T, V]`` (the masked
   positions are read from it; nothing is cut to the last position).
 * :class:`Judge`: the same body, with ``[CLS]`` prepended inside :meth:`Judge.forward` and a linear
-  head read at that position; ``sigmoid`` of its output is the predicted fraction of corrupted
-  characters. The body is built for ``block_size + 1`` positions, so a full-length block keeps its
-  ``[CLS]``: the judge sees the same layout in training and when it scores.
+  head; :meth:`Judge.corrupted_fraction` is the predicted fraction of the block's characters that
+  are not the original text. With ``judge_head="cls"`` (the seed's sequence scorer) the head is read
+  at ``[CLS]`` and the fraction is the sigmoid of that one logit; with ``"tokens"`` (ELECTRA's
+  replaced-token detection) it is read at every character, each logit says whether that character
+  was replaced, and the fraction is the mean of their sigmoids. With ``"denoise"`` the judge is a
+  masked denoiser (the generator's architecture, head tied to the embedding): it reads the *masked*
+  block, and a filled character counts as corrupted with probability 1 − p_judge(character), so the
+  predicted fraction is Σ_masked (1 − p_judge(fill_i)) / T, an estimate of the share of the block the
+  fill got wrong. The body is built for ``block_size + 1`` positions, so a full-length block keeps its
+  ``[CLS]`` (which the denoiser does not use): the judge sees the same layout in training and when it
+  scores.
 
 Attention is not causal: every position sees the whole block. Special tokens take the last three
 ids of the vocabulary (``[MASK]``, ``[PAD]``, ``[CLS]``; see :mod:`.data`).
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Kind = Literal["generator", "judge"]
+JudgeHead = Literal["cls", "tokens", "denoise"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,13 @@ class ModelArgs:
     dropout: float = 0.0
     bias: bool = False
     rope_theta: float = 10000.0
+    judge_head: JudgeHead = "cls"  # a judge's head (see the module docstring); unused by a generator
 
     def __post_init__(self) -> None:
         if self.kind not in ("generator", "judge"):
             raise ValueError(f"kind must be 'generator' or 'judge', got {self.kind!r}")
+        if self.judge_head not in ("cls", "tokens", "denoise"):
+            raise ValueError(f"judge_head must be 'cls', 'tokens' or 'denoise', got {self.judge_head!r}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd {self.n_embd} must split into n_head {self.n_head} heads of even size")
 
@@ -147,16 +159,22 @@ class Generator(nn.Module):
 
 
 class Judge(nn.Module):
-    """Corruption scorer: long[B, T] (T <= block_size, no [CLS]) -> logit float[B]; sigmoid of it is
-    the predicted fraction of characters that are not the original text."""
+    """Corruption scorer of blocks long[B, T] (T <= block_size, no [CLS]).
+
+    :meth:`forward` -> logits: float[B] (``judge_head="cls"``), float[B, T] (``"tokens"``: one per
+    character, "was it replaced?") or float[B, T, V] (``"denoise"``: the original character at every
+    position of a masked block); :meth:`corrupted_fraction` -> float[B] in [0, 1]."""
 
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         self.args = a
         self.cls_id = a.vocab_size - 1
         self.body = Body(a)
-        self.head = nn.Linear(a.n_embd, 1, bias=True)
+        denoise = a.judge_head == "denoise"
+        self.head = nn.Linear(a.n_embd, a.vocab_size if denoise else 1, bias=not denoise)
         _init_weights(self)
+        if denoise:
+            self.head.weight = self.body.tok.weight  # tied, as the generator's
 
     def layout(self, idx: torch.Tensor) -> torch.Tensor:
         """The judge's input: ``[CLS]`` then the block, long[B, T + 1]."""
@@ -166,7 +184,33 @@ class Judge(nn.Module):
         return torch.cat([cls, idx], dim=1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.layout(idx))[:, 0]).squeeze(-1)
+        layout = self.layout(idx)  # checks the length
+        if self.args.judge_head == "denoise":  # the generator's computation: no [CLS]
+            return self.head(self.body(idx))
+        hidden = self.body(layout)
+        if self.args.judge_head == "tokens":
+            return self.head(hidden[:, 1:]).squeeze(-1)
+        return self.head(hidden[:, 0]).squeeze(-1)
+
+    def corrupted_fraction(
+        self, filled: torch.Tensor, inp: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The predicted share of each filled block's characters that are not the original.
+
+        filled: long[B, k, T] (k fills of each of B masked blocks); inp: long[B, T], the masked
+        blocks, and mask: bool[B, T], where they were masked (used by ``"denoise"`` only) ->
+        float[B, k].
+        """
+        b, k, t = filled.shape
+        if self.args.judge_head != "denoise":
+            probs = torch.sigmoid(self(filled.reshape(b * k, t)).float())
+            return (probs.mean(-1) if self.args.judge_head == "tokens" else probs).view(b, k)
+        if inp is None or mask is None:
+            raise ValueError("a denoise judge scores fills of masked blocks: pass inp and mask")
+        probs = torch.softmax(self(inp).float(), dim=-1)  # [B, T, V]: one forward for all k fills
+        p_fill = probs.unsqueeze(1).expand(b, k, t, -1).gather(-1, filled.unsqueeze(-1)).squeeze(-1)
+        wrong = (1.0 - p_fill) * mask.unsqueeze(1)  # visible characters are the original
+        return wrong.sum(-1) / t
 
 
 def build_model(args: ModelArgs) -> Generator | Judge:

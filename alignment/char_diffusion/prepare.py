@@ -1,6 +1,6 @@
 """Turn a text file into the token files and vocabulary of a character diffusion run.
 
-    python -m alignment.char_diffusion.prepare --input input.txt --out data/char_diffusion \\
+    python -m alignment.char_diffusion.prepare --input input.txt --out models/char_diffusion/gpu/data \\
         [--block_size 256] [--val_fraction 0.1]
 
 Writes ``train.bin``, ``val.bin`` and ``meta.json`` into ``--out`` (see :mod:`.data`). The split is
@@ -11,7 +11,6 @@ naming the file (and for bad bytes, the offset).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -19,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from alignment import cli
 from alignment.atomic import write_bytes, write_text
+from alignment.char_diffusion.config import RunConfig
 from alignment.char_diffusion.data import META_FILE, META_FORMAT, CharData, Vocab
+from alignment.cli import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,11 @@ def read_text(path: str | Path) -> str:
         raise FileNotFoundError(f"input text not found: {path}")
     raw = path.read_bytes()
     if not raw:
-        raise ValueError(f"{path} is empty: nothing to train on")
+        raise UserError(f"{path} is empty: nothing to train on")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise UserError(
             f"{path} is not UTF-8 text: byte {raw[exc.start]:#04x} at offset {exc.start} ({exc.reason})"
         ) from exc
     return text.removeprefix("\ufeff")
@@ -47,7 +49,7 @@ def read_text(path: str | Path) -> str:
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """(train, val): the cut is at the line start nearest to ``(1 - val_fraction) * len(text)``."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     target = int(len(text) * (1.0 - val_fraction))
     before = text.rfind("\n", 0, target)
     after = text.find("\n", target)
@@ -64,19 +66,17 @@ def prepare(input_path: str | Path, out_dir: str | Path, block_size: int = 256,
             val_fraction: float = 0.1) -> dict[str, Any]:  # fmt: skip
     """Prepare ``input_path`` into ``out_dir``; returns the meta that was written."""
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise UserError(f"block_size must be >= 1, got {block_size}")
     text = read_text(input_path)
     vocab = Vocab.from_text(text)
     if vocab.size > MAX_VOCAB:
-        raise ValueError(
-            f"{input_path} has {vocab.size - 3} distinct characters; at most {MAX_VOCAB - 3} fit"
-        )
+        raise UserError(f"{input_path} has {vocab.size - 3} distinct characters; at most {MAX_VOCAB - 3} fit")
     train, val = split_text(text, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", train), ("val", val)):
         if len(part) < block_size:
-            raise ValueError(
+            raise UserError(
                 f"{input_path}: the {split} split has {len(part)} characters, fewer than block_size "
                 f"{block_size} (use a longer text, a smaller --block_size or another --val_fraction)"
             )
@@ -96,21 +96,23 @@ def prepare(input_path: str | Path, out_dir: str | Path, block_size: int = 256,
     return meta
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
     p.add_argument("--input", required=True, help="a UTF-8 text file")
-    p.add_argument("--out", required=True, help="folder for train.bin, val.bin, meta.json")
+    p.add_argument(
+        "--out", default=RunConfig.dataset, help="folder for train.bin, val.bin, meta.json (the GPU recipe's)"
+    )
     p.add_argument("--block_size", type=int, default=256, help="characters per training block")
-    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument(
+        "--val_fraction", type=float, default=0.1, help="share of the text held out (at a line start)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        meta = prepare(a.input, a.out, a.block_size, a.val_fraction)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    meta = prepare(a.input, a.out, a.block_size, a.val_fraction)
     print(f"wrote {a.out}: vocab_size {meta['vocab_size']}, train {meta['train_tokens']}, "
           f"val {meta['val_tokens']} characters, block_size {meta['block_size']}")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Pretrain the generator: predict the hidden characters of line-aligned blocks (masked-token loss).
 
     python -m alignment.char_diffusion.train --config alignment/char_diffusion/train.yaml \\
-        [--dataset data/char_diffusion --out_dir out-char-diffusion --max_iters 5000] [--resume]
+        [--dataset models/char_diffusion/gpu/data --out_dir models/char_diffusion/gpu/generator --max_iters 5000] [--resume]
     torchrun --nproc_per_node 4 -m alignment.char_diffusion.train --config ...
 
 The loss is the cross-entropy at the masked positions only, averaged over them. ``--resume``
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignment import cli
 from alignment.char_diffusion.config import PretrainConfig
 from alignment.char_diffusion.data import CharData
 from alignment.char_diffusion.loop import run_cli, run_supervised
@@ -72,10 +73,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         cleanup(rt)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     out = run_cli(__doc__, PretrainConfig, pretrain, argv, "YAML recipe (flags override it)")
     print(f"generator: {out['checkpoint']}  val {out['eval']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -28,21 +28,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from alignment import cli
 from alignment.char_diffusion import runtime as rt_
 from alignment.char_diffusion.checkpoint import CKPT_NAME, fingerprint, load_model, save_checkpoint
 from alignment.char_diffusion.config import GRPOConfig
-from alignment.char_diffusion.data import CharData, Vocab, check_same_vocab
+from alignment.char_diffusion.data import CharData, check_same_vocab
+from alignment.char_diffusion.evaluate import evaluate, format_samples
 from alignment.char_diffusion.grpo import Rollout, generation_rewards, grade, grpo_loss, rescore, rollout
-from alignment.char_diffusion.judge import judge_rewards
 from alignment.char_diffusion.loop import log_metrics, open_tracker, resume_state, run_cli
 from alignment.char_diffusion.masking import masked_blocks
-from alignment.char_diffusion.sampling import draw_fills, fill_distribution, place_fills
+from alignment.char_diffusion.monitor import BestKeeper, HackingWatch, fill_accuracies, pair_agreement
+from alignment.cli import UserError
 from alignment.config import config_to_dict
 from alignment.distributed import cleanup, micro_sync, wrap
 
 logger = logging.getLogger("alignment.char_diffusion.train_grpo")
 
 SAMPLES_FILE = "samples.log"
+BEST_DIR = "best"  # out_dir/best/ckpt.pt: the policy with the best held-out fill accuracy so far
 
 
 def load_models(cfg: GRPOConfig, data: CharData) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -59,48 +62,20 @@ def load_models(cfg: GRPOConfig, data: CharData) -> tuple[nn.Module, nn.Module, 
     return policy, reference, judge
 
 
-@torch.no_grad()
-def evaluate(
-    policy: nn.Module, judge: nn.Module, data: CharData, cfg: GRPOConfig, rt: rt_.Runtime
-) -> dict[str, float]:
-    """Mean judge reward and ground-truth fill accuracy of ``group_size`` fills on fixed held-out blocks."""
-    rewards, correct, total = [], 0.0, 0
-    for i in range(cfg.eval_iters):
-        tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(
-            data, "val", cfg.eval_batch_size, cfg, rt_.slot_generator(cfg.seed, -1, i, "eval")))  # fmt: skip
-        with rt.autocast():
-            dist, _ = fill_distribution(
-                policy(inp).float(), mask, cfg.temperature, cfg.top_p, data.vocab.special_ids
-            )
-            draws = draw_fills(
-                dist, cfg.group_size, rt_.slot_generator(cfg.seed, -1, i, "eval-fills", rt.device)
-            )
-            filled = place_fills(inp, mask, draws)
-            rewards.append(judge_rewards(judge, filled.flatten(0, 1)))
-        correct += float((draws == tokens[mask].unsqueeze(0)).sum())
-        total += draws.numel()
-    return {"mean_reward": float(torch.cat(rewards).mean()), "fill_accuracy": correct / total}
-
-
-def format_samples(vocab: Vocab, ro: Rollout, iteration: int, row: int = 0) -> str:
-    """The masked input, the original and the k fills of one input, best reward first."""
-    mask = ro.mask[row]
-    lines = [f"iteration {iteration}", f"original  {vocab.decode(ro.tokens[row], readable=True)}",
-             f"masked    {vocab.decode(ro.inp[row], readable=True)}"]  # fmt: skip
-    order = ro.rewards[row].argsort(descending=True).tolist()
-    for j in order:
-        fill = ro.filled[row, j]
-        right = int((fill[mask] == ro.tokens[row][mask]).sum())
-        lines.append(
-            f"r={float(ro.rewards[row, j]):.3f} {right:3d}/{int(mask.sum())}  {vocab.decode(fill, readable=True)}"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def _write_samples(cfg: GRPOConfig, tracker: Any, text: str, step: int) -> None:
     with open(Path(cfg.out_dir) / SAMPLES_FILE, "a", encoding="utf-8") as fh:
         fh.write(text + "\n")
     tracker.log_text("samples", f"```\n{text}```", step=step)
+
+
+def _pair_agreement(rollouts: list[Rollout]) -> float:
+    """Does the judge rank this step's fills as their accuracy does? (this rank's micro-batches;
+    NaN when no two fills of a block differed in accuracy)"""
+    agree, pairs = 0.0, 0
+    for ro in rollouts:
+        share, n = pair_agreement(ro.rewards, fill_accuracies(ro.draws, ro.tokens, ro.mask))
+        agree, pairs = agree + (share * n if n else 0.0), pairs + n
+    return agree / pairs if pairs else float("nan")
 
 
 def backward_rescored(ddp: nn.Module, rt: rt_.Runtime, rollouts: list[Rollout], cfg: GRPOConfig,
@@ -148,12 +123,17 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
         ckpt = resume_state(ckpt_path, policy, data.vocab, optimizer, scheduler)
         for what, source in (("reference", "generator_checkpoint"), ("judge", "judge_checkpoint")):
             if ckpt["extra"].get(f"{what}_fingerprint") != frozen[f"{what}_fingerprint"]:
-                raise ValueError(f"{ckpt_path}: the {what} model differs from the one this run started with "
+                raise UserError(f"{ckpt_path}: the {what} model differs from the one this run started with "
                                  f"({source} {frozen[source]} changed?)")  # fmt: skip
         start = ckpt["iteration"]
+    watch, best = HackingWatch(cfg.hack_patience, cfg.hack_tolerance), BestKeeper()
+    evals: list[tuple[int, dict[str, float]]] = []
+    if resume and "watch" in ckpt["extra"]:  # (checkpoints of earlier versions hold no monitor state)
+        watch.load_state_dict(ckpt["extra"]["watch"])
+        best.load_state_dict(ckpt["extra"]["best"])
+        evals = [(int(i), dict(e)) for i, e in ckpt["extra"]["evals"]]
     ddp = wrap(policy, rt)
     tracker = open_tracker(cfg, rt)
-    evals: list[tuple[int, dict[str, float]]] = []
     last: dict[str, float] = {}
     accum = cfg.gradient_accumulation_steps
     batch_scale = cfg.advantage_scale == "batch"
@@ -161,13 +141,27 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
     def run_eval(step: int) -> None:
         ev = evaluate(policy, judge, data, cfg, rt)
         evals.append((step, ev))
-        tracker.log({f"eval/{k}": v for k, v in ev.items()}, step=step)
-        logger.info(
-            "iteration %d held-out: reward %.4f, fill accuracy %.4f",
-            step,
-            ev["mean_reward"],
-            ev["fill_accuracy"],
-        )
+        warning = watch.update(step, ev["mean_reward"], ev["fill_accuracy"])
+        tracker.log({**{f"eval/{k}": v for k, v in ev.items()}, "eval/judge_hacking": int(warning is not None)},
+                    step=step)  # fmt: skip
+        logger.info("iteration %d held-out: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if warning is not None:
+            logger.warning("%s", warning)
+            tracker.log_text("judge_hacking", warning, step=step)
+        agreement = ev.get("judge_pair_agreement", 1.0)
+        if len(evals) == 1 and agreement < cfg.judge_min_agreement:
+            text = (f"the judge orders two fills of a held-out block as their accuracy does only {agreement:.3f} "
+                    f"of the time (0.5 = chance, judge_min_agreement {cfg.judge_min_agreement}): GRPO's "
+                    f"group-relative advantages will follow noise or the judge's blind spots; train a better "
+                    f"judge (its validation pair_agreement; docs/char_diffusion.md)")  # fmt: skip
+            logger.warning("%s", text)
+            tracker.log_text("judge_quality", text, step=step)
+        if best.improves(step, ev["fill_accuracy"], ev["mean_reward"]):
+            save_checkpoint(Path(cfg.out_dir) / BEST_DIR / CKPT_NAME, model=policy, vocab=data.vocab, iteration=step,
+                            config=config_to_dict(cfg), extra={**frozen, "eval": ev})  # fmt: skip
+
+    def state() -> dict[str, Any]:
+        return {**frozen, "watch": watch.state_dict(), "best": best.state_dict(), "evals": evals}
 
     try:
         if start == 0 and rt.is_main:
@@ -199,6 +193,7 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
                 sums = backward_rescored(ddp, rt, rollouts, cfg, banned)
             lr = optimizer.param_groups[0]["lr"]
             sums["grad_norm"] = rt_.optimizer_step(policy, optimizer, None, cfg.grad_clip)
+            sums["judge_pair_agreement"] = _pair_agreement(rollouts)
             for _ in range(1, cfg.num_inner_epochs):  # later updates on the same fills: ratio ≠ 1, clipped
                 metrics = backward_rescored(ddp, rt, rollouts, cfg, banned)
                 rt_.optimizer_step(policy, optimizer, None, cfg.grad_clip)
@@ -216,15 +211,39 @@ def _train(cfg: GRPOConfig, rt: rt_.Runtime, data: CharData, policy: nn.Module, 
                 run_eval(done)
             if done % cfg.save_interval == 0 or final:
                 save_checkpoint(ckpt_path, model=policy, vocab=data.vocab, iteration=done, config=config_to_dict(cfg),
-                                optimizer=optimizer, scheduler=scheduler, extra=frozen)  # fmt: skip
+                                optimizer=optimizer, scheduler=scheduler, extra=state())  # fmt: skip
     finally:
         if tracker is not None:
             tracker.close()
     return {"evals": evals, "metrics": last, "checkpoint": str(ckpt_path), "iterations": cfg.max_iters,
-            "policy": policy, "wrapper": type(ddp).__name__}  # fmt: skip
+            "policy": policy, "wrapper": type(ddp).__name__, "best": best.state_dict(),
+            "best_checkpoint": str(Path(cfg.out_dir) / BEST_DIR / CKPT_NAME), "judge_hacking": watch.flagged}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def summary_lines(out: dict[str, Any]) -> list[str]:
+    """The held-out table of a run (first, best and last evaluation) and, when the judge was gamed,
+    a warning: the judge-hacking flags of the run, or a last evaluation whose reward rose while its
+    fill accuracy fell below the first one."""
+    if not out["evals"]:
+        return []
+    (s0, e0), (s1, e1) = out["evals"][0], out["evals"][-1]
+    rows = [("start", s0, e0)]
+    best = out["best"]
+    if best["iteration"] not in (s0, s1):
+        rows.append(("best", best["iteration"], dict(out["evals"])[best["iteration"]]))
+    rows.append(("last", s1, e1))
+    lines = [f"{'held-out':8} {'iteration':>9} {'judge reward':>13} {'fill accuracy':>14}"]
+    lines += [f"{name:8} {it:9d} {e['mean_reward']:13.4f} {e['fill_accuracy']:14.4f}" for name, it, e in rows]
+    if out["judge_hacking"]:
+        lines.append(f"WARNING judge hacking: held-out reward rose while fill accuracy fell at iterations "
+                     f"{out['judge_hacking']} (see the log); best/ holds iteration {best['iteration']}")  # fmt: skip
+    elif e1["mean_reward"] > e0["mean_reward"] and e1["fill_accuracy"] < e0["fill_accuracy"]:
+        lines.append(f"WARNING judge hacking: held-out reward rose but fill accuracy fell over the run; "
+                     f"best/ holds iteration {best['iteration']}")  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
     out = run_cli(
         __doc__,
         GRPOConfig,
@@ -232,12 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         "YAML recipe, e.g. alignment/char_diffusion/grpo.yaml (flags override it)",
     )
-    if out["evals"]:
-        (s0, e0), (s1, e1) = out["evals"][0], out["evals"][-1]
-        print(f"held-out judge reward {e0['mean_reward']:.4f} (iteration {s0}) -> {e1['mean_reward']:.4f} "
-              f"(iteration {s1}); fill accuracy {e0['fill_accuracy']:.4f} -> {e1['fill_accuracy']:.4f}")  # fmt: skip
-    print(f"policy: {out['checkpoint']}")
+    print("\n".join(summary_lines(out)))
+    print(f"policy: {out['checkpoint']}  best held-out fill accuracy: {out['best_checkpoint']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

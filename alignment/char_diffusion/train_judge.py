@@ -1,11 +1,13 @@
-"""Train the judge on the generator's own fills: predict the fraction of characters they changed.
+"""Train the judge: how much of a block did the generator's fills get wrong?
 
     python -m alignment.char_diffusion.train_judge --config alignment/char_diffusion/judge.yaml \\
-        [--generator_checkpoint out-char-diffusion/ckpt.pt --out_dir out-judge] [--resume]
+        [--generator_checkpoint models/char_diffusion/gpu/generator/ckpt.pt --out_dir models/char_diffusion/gpu/judge] [--resume]
 
-The generator is frozen. Each example masks ``mask_min``–``mask_max`` of a line-aligned block, fills
-it by sampling the generator (``temperature``, ``top_p``, special tokens excluded) and is labelled
-with the fraction of the block that differs from the original text (see :mod:`.judge`).
+The generator is frozen. Each example masks ``mask_min``–``mask_max`` of a line-aligned block. A
+``cls`` or ``tokens`` judge sees it filled by sampling the generator (``temperature``, ``top_p``,
+special tokens excluded) ``fills_per_block`` times and learns the fraction (``cls``) or the places
+(``tokens``) of the characters that differ from the original text; a ``denoise`` judge learns the
+original characters of the masked block itself (see :mod:`.model` and :mod:`.judge`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from alignment import cli
 from alignment.char_diffusion.checkpoint import load_model, load_strict
 from alignment.char_diffusion.config import JudgeConfig
 from alignment.char_diffusion.data import CharData, check_same_vocab
@@ -24,6 +28,7 @@ from alignment.char_diffusion.judge import corrupt_with_fills, judge_loss
 from alignment.char_diffusion.loop import run_cli, run_supervised
 from alignment.char_diffusion.masking import masked_blocks
 from alignment.char_diffusion.model import Judge, ModelArgs
+from alignment.char_diffusion.monitor import pair_agreement
 from alignment.char_diffusion.runtime import Runtime, setup_runtime, slot_generator
 from alignment.distributed import cleanup
 
@@ -44,47 +49,71 @@ def build_judge(cfg: JudgeConfig, gen: nn.Module, data: CharData) -> Judge:
     config's shape, randomly initialised (the same on every rank)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from_generator:
-        args = replace(gen.args, kind="judge", dropout=cfg.dropout)
+        args = replace(gen.args, kind="judge", dropout=cfg.dropout, judge_head=cfg.judge_head)
         judge = Judge(args)
         load_strict(judge.body, gen.body.state_dict(), cfg.generator_checkpoint)
         return judge
     return Judge(ModelArgs("judge", data.vocab.size, data.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                           cfg.dropout, cfg.bias))  # fmt: skip
+                           cfg.dropout, cfg.bias, judge_head=cfg.judge_head))  # fmt: skip
 
 
 def judge_batch(judge: nn.Module, gen: nn.Module, data: CharData, cfg: JudgeConfig, split: str, batch_size: int,
                 rng: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """The judge's loss on one batch of generator-filled blocks, and its mean absolute error."""
+    """The judge's loss on one batch, and a figure of how well it does.
+
+    ``cls``/``tokens``: blocks filled by the generator, labelled with the fraction (or the places) of
+    characters the fills changed; the figure is the mean absolute error of the predicted fraction.
+    ``denoise``: the masked blocks themselves, cross-entropy of the original characters at the masked
+    positions (no fills needed); the figure is the argmax accuracy there."""
     tokens, inp, mask = (t.to(device) for t in masked_blocks(data, split, batch_size, cfg, rng))
+    if cfg.judge_head == "denoise":
+        logits = judge(inp)[mask].float()  # [N, V]; called as given (maybe DDP-wrapped)
+        loss = F.cross_entropy(logits, tokens[mask])
+        return loss, {"accuracy": float((logits.argmax(-1) == tokens[mask]).float().mean())}
     fill_rng = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=rng)))
+    tokens_head = cfg.judge_head == "tokens"
     filled, target = corrupt_with_fills(gen, tokens, inp, mask, cfg.temperature, cfg.top_p, data.vocab.special_ids,
-                                        cfg.fills_per_block, fill_rng)  # fmt: skip
-    logits = judge(filled).float()
+                                        cfg.fills_per_block, fill_rng, per_position=tokens_head)  # fmt: skip
+    logits = judge(filled).float()  # [M] or [M, T]
     loss = judge_loss(logits, target)
-    mae = float((torch.sigmoid(logits.detach()) - target).abs().mean())
-    return loss, {"mae": mae, "target_mean": float(target.mean())}
+    fraction = torch.sigmoid(logits.detach())
+    if tokens_head:
+        fraction, target = fraction.mean(-1), target.mean(-1)
+    return loss, {"mae": float((fraction - target).abs().mean()), "target_mean": float(target.mean())}
 
 
 @torch.no_grad()
 def evaluate_judge(
-    judge: nn.Module, gen: nn.Module, data: CharData, cfg: JudgeConfig, rt: Runtime
+    judge: Judge, gen: nn.Module, data: CharData, cfg: JudgeConfig, rt: Runtime
 ) -> dict[str, float]:
-    """Loss, mean absolute error and the correlation of prediction and target on fixed val batches."""
-    preds, targets, losses = [], [], []
+    """On fixed validation batches: the training loss, and for the generator's fills of fixed masked
+    blocks the mean absolute error and correlation of the predicted corrupted fraction with the
+    true one, and ``pair_agreement``: how often the judge orders two fills of the same block as
+    their true corrupted fractions are ordered (what GRPO's group-relative advantages use; 0.5 =
+    chance)."""
+    preds, targets, losses, agree, pairs = [], [], [], 0.0, 0
     for i in range(cfg.eval_iters):
-        rng = slot_generator(cfg.seed, -1, i, "eval")
-        tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(data, "val", cfg.batch_size, cfg, rng))
-        fill_rng = torch.Generator(device=rt.device).manual_seed(i)
         with rt.autocast():
+            loss, _ = judge_batch(judge, gen, data, cfg, "val", cfg.batch_size,
+                                  slot_generator(cfg.seed, -1, i, "eval-loss"), rt.device)  # fmt: skip
+            tokens, inp, mask = (t.to(rt.device) for t in masked_blocks(
+                data, "val", cfg.batch_size, cfg, slot_generator(cfg.seed, -1, i, "eval")))  # fmt: skip
+            fill_rng = torch.Generator(device=rt.device).manual_seed(i)
             filled, target = corrupt_with_fills(gen, tokens, inp, mask, cfg.temperature, cfg.top_p,
                                                 data.vocab.special_ids, cfg.fills_per_block, fill_rng)  # fmt: skip
-            logits = judge(filled).float()
-        preds.append(torch.sigmoid(logits))
-        targets.append(target)
-        losses.append(float(judge_loss(logits, target)))
+            filled, target = filled.view(len(tokens), cfg.fills_per_block, -1), target.view(len(tokens), -1)
+            pred = judge.corrupted_fraction(filled, inp, mask)  # [B, fills]
+        losses.append(float(loss))
+        preds.append(pred.flatten())
+        targets.append(target.flatten())
+        share, n = pair_agreement(-pred, -target)
+        agree, pairs = agree + (share * n if n else 0.0), pairs + n
     p, t = torch.cat(preds), torch.cat(targets)
     corr = float(torch.corrcoef(torch.stack([p, t]))[0, 1]) if p.std() > 0 and t.std() > 0 else 0.0
-    return {"loss": sum(losses) / len(losses), "mae": float((p - t).abs().mean()), "corr": corr}
+    out = {"loss": sum(losses) / len(losses), "mae": float((p - t).abs().mean()), "corr": corr}
+    if pairs:  # absent when no two fills of a block differed (fills_per_block 1)
+        out["pair_agreement"] = agree / pairs
+    return out
 
 
 def train_judge(cfg: JudgeConfig, resume: bool = False) -> dict[str, Any]:
@@ -106,10 +135,11 @@ def train_judge(cfg: JudgeConfig, resume: bool = False) -> dict[str, Any]:
         cleanup(rt)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     out = run_cli(__doc__, JudgeConfig, train_judge, argv, "YAML recipe (flags override it)")
     print(f"judge: {out['checkpoint']}  val {out['eval']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

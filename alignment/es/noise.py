@@ -18,34 +18,49 @@ element index goes through three rounds of a multiply-xorshift hash (a bijection
 integers), each round keyed by one word; the 32 output bits become a standard normal by an inverse
 CDF: 1 sign bit, and 31 bits as a tail probability p = (2m + 1)·2⁻³³ that is located in its binary
 octave (32 octaves, 256 sub-bins each) and interpolated linearly between exact quantiles stored in
-fixed point (2⁻²⁴). Every step is integer arithmetic on int64 tensors that cannot overflow
-(products stay below 2⁶³), and the only floating-point step is one int → fp32 conversion (round to
-nearest, IEEE) times a power of two. Transcendental functions (log, cos, erfinv), whose last bits
-differ between CPU and CUDA libraries and between SIMD widths, are never evaluated on a tensor:
-the quantile table is built once per process in double precision and checked against
-``TABLE_SHA256``. So CPU and CUDA engines agree bit for bit by construction, and
+fixed point (2⁻²⁴), in integer arithmetic that is exact on every device
+(:mod:`alignment.es.noise_kernel`). So CPU and CUDA engines agree bit for bit by construction, and
 :func:`self_check` proves it for a device at engine start (``bench/noise_devices.py`` compares
 devices directly). Resolution: tails to |z| ≈ 6.3, values on a 2⁻²⁴ grid, quantile interpolation
 error below 1e-6.
 
-Speed (``bench/noise_devices.py``): eager int64 arithmetic takes 2-5x ``torch.randn``'s time on CPU;
-with ``torch.compile`` (one fused kernel, identical results because every step is integer
-arithmetic) 0.6-1.5x.
+Speed (``bench/noise_devices.py``, which times the previous all-int64 formulation of the same values
+beside it): eager on CPU ~11 ns/element, about 3x ``torch.randn``'s CPU time (the int64 formulation:
+2-3x more, and 5x on a toy member's draw, whose temporaries were page-faulted in on every chunk;
+eager CPU draws now compute in per-thread buffers); with ``torch.compile`` (one fused kernel,
+identical results because every step is exact) ~6 ns/element on CPU after a compile of 15-60 s.
 ``ALIGNMENT_ES_NOISE_COMPILE``: ``auto`` (default: compile on CUDA), ``1`` (also on CPU), ``0``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
 import threading
 from collections.abc import Sequence
-from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from alignment.es.noise_kernel import (  # noqa: F401 - _MULTIPLIERS, _TABLE, hash_bits: the definition's parts, for tests
+    _MULTIPLIERS,
+    _TABLE,
+    TABLE_SHA256,
+    NoiseMismatchError,
+    Workspace,
+    _buf,
+    _normal_kernel,
+    _s32,
+    bits_to_normal,
+    constants,
+    hash_bits,
+    packed_table,
+    workspace,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +68,8 @@ NOISE_NAME = "hash32x3-icdf256"
 NOISE_VERSION = 1
 NOISE_ID = f"{NOISE_NAME}/v{NOISE_VERSION}"
 
-_M32 = 0xFFFFFFFF
-# odd multipliers below 2**31, so that a 32-bit value times one stays below 2**63 in int64
-_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39, 0x21F0AAAD, 0x5BD1E995, 0x1B873593)
-_SUB_BITS = 8  # 256 sub-bins per octave of the tail probability
-_FIXED_BITS = 24  # quantiles in units of 2**-24
 _MAX_NUMEL = 1 << 32  # element indices are 32-bit counters
-TABLE_SHA256 = "b29f3ef23898a4e2a9586d346b3b1177c97fb1f5f21da4d1bb2d9922f3f438ae"
 PROBE_SHA256 = "f721ab2daaa1b27b73984ed2ccabae751f0911737207256bc8e307ca8328c1cd"
-
-
-class NoiseMismatchError(RuntimeError):
-    """Noise, or the arithmetic on it, would differ from what the rest of the run uses."""
 
 
 def noise_key(member_seed: int, name: str, stream: str = "") -> tuple[int, int, int]:
@@ -78,84 +83,6 @@ def noise_key(member_seed: int, name: str, stream: str = "") -> tuple[int, int, 
     return tuple(int.from_bytes(digest[i : i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
 
 
-def _quantile(p: float) -> float:
-    """-Φ⁻¹(p): the standard normal z with tail probability p."""
-    return -NormalDist().inv_cdf(p)
-
-
-def _build_table() -> np.ndarray:
-    """Fixed-point quantiles at p = 2^(k-33)·(1 + j/256), k = 0..31, j = 0..255, and p = 0.5 last.
-
-    Built in double precision; each entry must lie well away from a rounding boundary so that any
-    libm (whose last-bit errors are ~1e-16 relative) rounds it the same way.
-    """
-    sub = 1 << _SUB_BITS
-    out = np.empty(32 * sub + 1, dtype=np.int64)
-    for n in range(32 * sub + 1):
-        k, j = divmod(n, sub)
-        scaled = _quantile(math.ldexp(1.0 + j / sub, k - 33)) * (1 << _FIXED_BITS)
-        if abs(scaled - math.floor(scaled) - 0.5) < 1e-6:
-            raise NoiseMismatchError(f"noise table entry {n} is too close to a rounding boundary")
-        out[n] = round(scaled)
-    return out
-
-
-_TABLE = _build_table()
-if hashlib.sha256(_TABLE.tobytes()).hexdigest() != TABLE_SHA256:
-    raise NoiseMismatchError(
-        f"this platform builds the noise quantile table differently (sha256 "
-        f"{hashlib.sha256(_TABLE.tobytes()).hexdigest()}, expected {TABLE_SHA256}); its ES noise "
-        "would differ from other machines'"
-    )
-
-
-def _mix_(x: torch.Tensor, c1: int, c2: int) -> torch.Tensor:
-    """One round of a multiply-xorshift hash of 32-bit values held in int64 (a bijection), in place."""
-    x.bitwise_xor_(x >> 16)
-    x.mul_(c1).bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(c2).bitwise_and_(_M32)
-    return x.bitwise_xor_(x >> 16)
-
-
-def hash_bits(counter: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-    """32 random bits per element of int64 ``counter`` (values in [0, 2³²)); the key words are int64
-    0-d tensors, or tensors shaped like ``counter`` (one key per element: several tensors at once)."""
-    c = _MULTIPLIERS
-    x = _mix_(counter ^ k0, c[0], c[1])
-    x = _mix_(x.bitwise_xor_(k1), c[2], c[3])
-    return _mix_(x.bitwise_xor_(k2), c[4], c[5])
-
-
-def bits_to_normal(bits: torch.Tensor, table: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
-    """Standard normal fp32 values from 32-bit integers (int64 tensor), by the fixed-point inverse CDF.
-
-    v = 2m + 1 (odd, p = v·2⁻³³) is exact in float64, whose bits are then read as integers: the
-    exponent is v's octave, the top 8 mantissa bits its sub-bin (together the table index), the
-    next 23 bits the position inside the sub-bin (the bits below are zero: v has at most 32).
-    """
-    sign = bits >> 31
-    v = ((bits & 0x7FFFFFFF) << 1) | 1
-    f64 = v.to(torch.float64).view(torch.int64)
-    idx = (f64 >> (52 - _SUB_BITS)) - (1023 << _SUB_BITS)
-    frac = (f64 >> (52 - _SUB_BITS - 23)) & ((1 << 23) - 1)
-    z = table.index_select(0, idx) - ((diffs.index_select(0, idx) * frac) >> 23)
-    z = (z ^ -sign) + sign  # two's complement: -z where the sign bit is set
-    return z.to(torch.float32) * (2.0**-_FIXED_BITS)
-
-
-def _normal_kernel(
-    start: torch.Tensor,
-    offsets: torch.Tensor,
-    k0: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    table: torch.Tensor,
-    diffs: torch.Tensor,
-) -> torch.Tensor:
-    return bits_to_normal(hash_bits(offsets + start, k0, k1, k2), table, diffs)
-
-
 COMPILE_ENV = "ALIGNMENT_ES_NOISE_COMPILE"
 
 
@@ -163,21 +90,31 @@ class _DeviceState:
     """The quantile table on one device and the kernel used there (eager, or compiled once)."""
 
     def __init__(self, device: torch.device) -> None:
-        table = torch.from_numpy(_TABLE)
-        self.table = table.to(device)
-        self.diffs = (table[:-1] - table[1:]).to(device)
+        self.table = packed_table().to(device)
+        self.constants = constants(device)
         mode = os.environ.get(COMPILE_ENV, "auto").lower()
         self.compiled = mode in {"1", "true", "on"} or (mode == "auto" and device.type == "cuda")
         # compiled kernels have one fixed shape (the last chunk is computed whole and cut)
         self.chunk = (1 << 22) if device.type == "cuda" else (1 << 16)
-        self.offsets = torch.arange(self.chunk, dtype=torch.int64, device=device)
+        self.offsets = torch.arange(self.chunk, dtype=torch.int32, device=device)
         self.kernel = _normal_kernel
+        self._local = threading.local()  # per-thread workspace (eager CPU kernels)
         if self.compiled:
             try:
                 self.kernel = torch.compile(_normal_kernel, dynamic=False, fullgraph=True)
             except Exception as exc:  # noqa: BLE001 - same numbers either way, only slower
                 logger.warning("torch.compile unavailable for ES noise on %s (%s); eager", device, exc)
                 self.compiled = False
+
+    def workspace(self) -> Workspace | None:
+        """This thread's buffers for the eager kernel on a CPU; None elsewhere (a compiled kernel has
+        no temporaries to keep, and CUDA's caching allocator already reuses them)."""
+        if self.compiled or self.offsets.device.type != "cpu":
+            return None
+        ws = getattr(self._local, "ws", None)
+        if ws is None or ws["x"].numel() < self.chunk:
+            ws = self._local.ws = workspace(self.chunk)
+        return ws
 
 
 _STATES: dict[torch.device, _DeviceState] = {}
@@ -206,15 +143,17 @@ def compiled_on(device: torch.device | str) -> bool:
     return _state(torch.device(device)).compiled
 
 
-def _run(st: _DeviceState, device: torch.device, *args: torch.Tensor) -> torch.Tensor:
+def _run(st: _DeviceState, device: torch.device, out: torch.Tensor, *args: torch.Tensor) -> None:
+    """``out`` ← the kernel on ``args`` (out's length: the chunk's, a compiled kernel's result is cut)."""
+    if not st.compiled:
+        _normal_kernel(*args, st.table, st.constants, st.workspace(), out)
+        return
     try:
-        return st.kernel(*args, st.table, st.diffs)
+        out.copy_(st.kernel(*args, st.table, st.constants)[: out.numel()])
     except Exception as exc:  # noqa: BLE001 - a failed compilation: same numbers, eager
-        if not st.compiled:
-            raise
         logger.warning("compiled ES noise failed on %s (%s); using eager kernels", device, exc)
         st.kernel, st.compiled = _normal_kernel, False
-        return st.kernel(*args, st.table, st.diffs)
+        _run(st, device, out, *args)
 
 
 def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -228,22 +167,28 @@ def normal_range(key: Sequence[int], start: int, count: int, device: torch.devic
     if start < 0 or start + count > _MAX_NUMEL:
         raise ValueError(f"noise elements {start}..{start + count} outside [0, 2**32)")
     st = _state(device)
-    k0, k1, k2 = (torch.tensor(w, dtype=torch.int64, device=device) for w in key)
+    k0, k1, k2 = (torch.tensor(_s32(w), dtype=torch.int32, device=device) for w in key)
     out = torch.empty(count, dtype=torch.float32, device=device)
     for a in range(0, count, st.chunk):
         b = min(a + st.chunk, count)
         offsets = st.offsets if st.compiled else st.offsets[: b - a]
-        begin = torch.tensor(start + a, dtype=torch.int64, device=device)
-        out[a:b] = _run(st, device, begin, offsets, k0, k1, k2)[: b - a]
+        # int32 addition wraps past 2³¹ like the multiplications: the counter's 32-bit pattern
+        begin = torch.tensor(_s32(start + a), dtype=torch.int32, device=device)
+        _run(st, device, out[a:b], begin, offsets, k0, k1, k2)
     return out
 
 
-def segment_index(
-    segments: Sequence[tuple[int, int]], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counter, which) for :func:`normal_indexed`: element e of the concatenation of segments
-    (start, count) is element ``counter[e]`` of segment ``which[e]``. Independent of the keys, so
-    a caller drawing the same layout for many members builds it once."""
+class Layout(NamedTuple):
+    """Where the elements of a concatenation of segments come from (:func:`segment_index`)."""
+
+    counter: torch.Tensor  # (n,) int32: element e is element counter[e] of its segment's stream
+    which: torch.Tensor  # (n,) int64: the segment of element e
+    bounds: tuple[tuple[int, int], ...]  # (first, end) of each segment within the concatenation
+
+
+def segment_index(segments: Sequence[tuple[int, int]], device: torch.device | str) -> Layout:
+    """The :class:`Layout` of the concatenation of segments (start, count) for :func:`normal_indexed`.
+    Independent of the keys, so a caller drawing the same layout for many members builds it once."""
     counts = [count for _, count in segments]
     if any(start < 0 or start + count > _MAX_NUMEL for start, count in segments):
         raise ValueError("noise elements outside [0, 2**32)")
@@ -251,24 +196,43 @@ def segment_index(
     firsts = torch.tensor([0, *counts[:-1]], dtype=torch.int64).cumsum(0)
     shift = torch.tensor([start for start, _ in segments], dtype=torch.int64) - firsts
     counter = torch.arange(sum(counts), dtype=torch.int64) + shift[which]
-    return counter.to(device), which.to(device)
+    counter = torch.where(counter >= 1 << 31, counter - (1 << 32), counter).to(torch.int32)  # 32-bit patterns
+    ends = list(itertools.accumulate(counts))
+    bounds = tuple((end - count, end) for end, count in zip(ends, counts, strict=True))
+    return Layout(counter.to(device), which.to(device), bounds)
 
 
-def normal_indexed(
-    counter: torch.Tensor, which: torch.Tensor, keys: Sequence[Sequence[int]], device: torch.device | str
-) -> torch.Tensor:
-    """Noise of element ``counter[e]`` of the stream ``keys[which[e]]`` for every e (fp32, 1-D)."""
+def normal_indexed(layout: Layout, keys: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
+    """Noise of element ``layout.counter[e]`` of the stream ``keys[layout.which[e]]`` for every e (fp32, 1-D).
+
+    Eagerly each segment's key words are applied to its slice of a chunk (a few in-place ops per
+    segment); a compiled kernel (one fixed shape) gets them gathered per element instead.
+    """
     device = torch.device(device)
     st = _state(device)
-    words = torch.tensor([list(k) for k in keys], dtype=torch.int64, device=device)
-    per_element = [words[:, j].contiguous().index_select(0, which) for j in range(3)]
-    zero = torch.zeros((), dtype=torch.int64, device=device)
-    out = torch.empty(counter.numel(), dtype=torch.float32, device=device)
-    for a in range(0, counter.numel(), st.chunk):
-        b = min(a + st.chunk, counter.numel())
-        size = st.chunk if st.compiled else b - a
-        parts = [_padded(t[a:b], size) for t in (counter, *per_element)]
-        out[a:b] = _run(st, device, zero, *parts)[: b - a]
+    words = torch.tensor([[_s32(w) for w in k] for k in keys], dtype=torch.int32, device=device)
+    n = layout.counter.numel()
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if st.compiled:
+        columns = [words[:, j].contiguous() for j in range(3)]
+        zero = torch.zeros((), dtype=torch.int32, device=device)
+        for a in range(0, n, st.chunk):
+            b = min(a + st.chunk, n)
+            parts = [layout.counter[a:b], *(c.index_select(0, layout.which[a:b]) for c in columns)]
+            _run(st, device, out[a:b], zero, *(_padded(t, st.chunk) for t in parts))
+        return out
+    rows = list(zip(*(words[:, j].unbind() for j in range(3)), strict=True))  # 0-d words per segment
+    for a in range(0, n, st.chunk):
+        b = min(a + st.chunk, n)
+        here = [
+            (max(f, a) - a, min(e, b) - a, rows[i])
+            for i, (f, e) in enumerate(layout.bounds)
+            if f < b and e > a
+        ]
+        ws = st.workspace()
+        bits_to_normal(
+            hash_bits(layout.counter[a:b], here, st.constants, ws), st.table, st.constants, ws, out[a:b]
+        )
     return out
 
 
@@ -282,8 +246,8 @@ def normal_segments(
     """
     if len(segments) == 1:
         return normal_range(*segments[0], device)
-    counter, which = segment_index([(start, count) for _, start, count in segments], device)
-    return normal_indexed(counter, which, [key for key, _, _ in segments], device)
+    layout = segment_index([(start, count) for _, start, count in segments], device)
+    return normal_indexed(layout, [key for key, _, _ in segments], device)
 
 
 def gaussian(

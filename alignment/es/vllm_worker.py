@@ -209,6 +209,10 @@ class ESWorkerExtension:
         """Live weights ← θ + sign·σ·ε(seed), per HF name and HF shape."""
         self._es_state().perturb(seed, sigma, sign)
 
+    def es_prefetch(self, seeds: list[int]) -> None:
+        """Draw these members' noise ahead in a background thread (CPU workers; a no-op on a GPU)."""
+        self._es_state().prefetch(seeds)
+
     def es_restore(self) -> None:
         """Live weights ← kept θ, bit for bit."""
         self._es_state().restore()

@@ -29,7 +29,16 @@ from typing import Literal
 
 import torch
 
-from alignment.es.noise import add_scaled_, f32, noise_key, normal_indexed, normal_range, segment_index
+from alignment.es.member_noise import MemberNoise
+from alignment.es.noise import (
+    add_scaled_,
+    compiled_on,
+    f32,
+    noise_key,
+    normal_indexed,
+    normal_range,
+    segment_index,
+)
 
 MasterDtype = Literal["fp32", "model"]
 DirectionFn = Callable[
@@ -167,18 +176,24 @@ class PerturbableParams:
         }
         self.perturbed_by: tuple[int, float] | None = None
         self._member_bytes = 4 * sum(t.numel() for t in params.values())
-        self._cache_slots = cache_bytes // self._member_bytes
-        self._cache: dict[int, list[torch.Tensor]] = {}
+        self._cache = MemberNoise(self._draw_member, cache_bytes // self._member_bytes)
 
-    def _member_noise(self, member_seed: int, keep: bool) -> list[torch.Tensor] | None:
-        """The cached noise blocks of ``member_seed``; with ``keep``, drawn and cached if there is room."""
-        if member_seed in self._cache or not keep or len(self._cache) >= self._cache_slots:
-            return self._cache.get(member_seed)
-        self._cache[member_seed] = [
+    def _draw_member(self, member_seed: int) -> list[torch.Tensor]:
+        return [
             self._noise(i, member_seed, self.params[block[0][0]].device)
             for i, block in enumerate(self.blocks)
         ]
-        return self._cache[member_seed]
+
+    def _member_noise(self, member_seed: int, keep: bool) -> list[torch.Tensor] | None:
+        """The cached noise blocks of ``member_seed``; with ``keep``, drawn and cached if there is room."""
+        return self._cache.get(member_seed, keep)
+
+    def prefetch(self, member_seeds: Sequence[int]) -> None:
+        """Draw these members' noise ahead, in a background thread, while the engine generates: CPU
+        weights drawn eagerly, a model whose member noise fits the cache (a no-op otherwise)."""
+        devices = {t.device for t in self.params.values()}
+        if devices == {torch.device("cpu")} and not compiled_on("cpu"):
+            self._cache.prefetch(member_seeds)
 
     def _views(self, block: list[Slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(live, master) 1-D views of each slice of ``block``."""
@@ -190,8 +205,7 @@ class PerturbableParams:
         if len(block) == 1:
             name, a, b = block[0]
             return normal_range(noise_key(member_seed, name), a, b - a, device)
-        counter, which = self._index[i]
-        return normal_indexed(counter, which, [noise_key(member_seed, n) for n, _, _ in block], device)
+        return normal_indexed(self._index[i], [noise_key(member_seed, n) for n, _, _ in block], device)
 
     @torch.no_grad()
     def perturb(self, member_seed: int, sigma: float, sign: float = 1.0) -> None:
@@ -203,9 +217,14 @@ class PerturbableParams:
         for i, block in enumerate(self.blocks):
             device = self.params[block[0][0]].device
             noise = cached[i] if cached is not None else self._noise(i, member_seed, device)
+            step = noise * s  # the block's ε·s in one op (elementwise: the same products slice by slice)
             off = 0
             for live, master in self._views(block):
-                live.copy_(master.to(device, torch.float32) + noise[off : off + live.numel()] * s)
+                part = step[off : off + live.numel()]
+                if live.dtype == master.dtype == torch.float32 and master.device == live.device:
+                    torch.add(master, part, out=live)  # an fp32 engine: the sum is the live value
+                else:
+                    live.copy_(master.to(device, torch.float32) + part)
                 off += live.numel()
         self.perturbed_by = (member_seed, sign)
 
