@@ -7,6 +7,8 @@
 #   sbatch --gres=gpu:4 slurm/run_scorer_service.sh                      # 4 replicas on one node
 #   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 --mem=256G slurm/run_scorer_service.sh
 #                                                    # 8 replicas on 2 nodes: srun, one per task
+#   sbatch --nodes=2 --ntasks=3 --gres=gpu:2 slurm/run_scorer_service.sh  # 3 replicas: 2 on the
+#                                                    # first node, 1 on the second
 #   bash slurm/run_scorer_service.sh                 # here and now; Ctrl-C stops it
 #   bash slurm/run_scorer_service.sh --access-log    # arguments go to the service as extra flags
 #
@@ -20,7 +22,9 @@
 #   REWARD_MODEL=PKU-Alignment/beaver-7b-unified-reward   path or hub name
 #   COST_MODEL=PKU-Alignment/beaver-7b-unified-cost       path or hub name
 #   SCORER_REPLICAS=<tasks of the job if several, else visible GPUs, at least 1>
-#   SCORER_HOST=0.0.0.0                                   interface to listen on
+#   SCORER_HOST=0.0.0.0                                   interface to listen on; nodeaddr: the
+#                                                         node's SLURM NodeAddr (scontrol show node),
+#                                                         each replica its own node's
 #   SCORER_PORT=8000                                      replica k of a node: +k; 0 picks free ports
 #   SCORER_ADDRESS_DIR=logs/scorers                       one address file per replica
 #   SCORER_ADDRESS_FILE=""                                one replica only: publish in this file
@@ -37,12 +41,13 @@
 #
 #SBATCH --job-name=scorer
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=64G
 #SBATCH --time=72:00:00
 #SBATCH --output=logs/scorer_%j.out
+# (no --ntasks-per-node here: one task per node is sbatch's default, and --ntasks=3 over 2 nodes
+# must stay possible)
 
 set -euo pipefail
 
@@ -83,19 +88,33 @@ if ! [[ "${SCORER_PORT}" =~ ^[0-9]+$ ]]; then
     exit 2
 fi
 
-service=("${python_bin}" -m alignment.scoring.scorer_service
-    --reward-model "${REWARD_MODEL}" --cost-model "${COST_MODEL}" --host "${SCORER_HOST}"
-    --dtype "${SCORER_DTYPE}" --max-batch-size "${SCORER_MAX_BATCH_SIZE}")
+# The service on this node; SCORER_HOST=nodeaddr is resolved here, on the node that listens (the
+# batch script of a job of several tasks passes it on unresolved to the srun tasks).
+set_service() {
+    local host="${SCORER_HOST}"
+    if [[ "${host}" == nodeaddr ]]; then
+        if [[ -z "${SLURMD_NODENAME:-}" ]]; then
+            log "SCORER_HOST=nodeaddr needs a SLURM job (no SLURMD_NODENAME); give an address or 0.0.0.0"
+            exit 2
+        fi
+        host="$(node_addr "${SLURMD_NODENAME}")"
+    fi
+    service=("${python_bin}" -m alignment.scoring.scorer_service
+        --reward-model "${REWARD_MODEL}" --cost-model "${COST_MODEL}" --host "${host}"
+        --dtype "${SCORER_DTYPE}" --max-batch-size "${SCORER_MAX_BATCH_SIZE}")
+}
 
 # One srun task = one replica: its own GPU when the task sees several, its own port on the node.
 if [[ "${SCORER_REPLICA_TASK:-}" == 1 ]]; then
+    set_service
     rank="${SLURM_LOCALID:-0}"
     if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" == *,* ]]; then
         IFS=',' read -r -a ids <<<"${CUDA_VISIBLE_DEVICES}"
         export CUDA_VISIBLE_DEVICES="${ids[rank % ${#ids[@]}]}"
     fi
     port=$((SCORER_PORT ? SCORER_PORT + rank : 0))
-    log "replica ${SLURM_PROCID:-0} on $(hostname -s): port ${port}, GPU ${CUDA_VISIBLE_DEVICES:-none}"
+    log "replica ${SLURM_PROCID:-0} on ${SLURMD_NODENAME:-$(hostname -s)}: port ${port}," \
+        "GPU ${CUDA_VISIBLE_DEVICES:-none}"
     exec "${service[@]}" --port "${port}" --address-dir "${SCORER_ADDRESS_DIR}" "$@"
 fi
 
@@ -126,6 +145,7 @@ if [[ -n "${SLURM_JOB_ID:-}" ]] && ((tasks > 1)); then
         bash slurm/run_scorer_service.sh "$@")
     placement="srun: one replica per task on ${SLURM_JOB_NUM_NODES:-1} node(s)"
 else
+    set_service
     cmd=("${service[@]}" --port "${SCORER_PORT}" "${where[@]}" --replicas "${SCORER_REPLICAS}" "$@")
     placement="this node ($(visible_gpus) GPU(s) visible)"
 fi

@@ -47,14 +47,15 @@ def exact_scorer(toy_models: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     With batching, the same text can score differently in the last bits depending on its row in
     the batch (matmul kernels block rows differently); tests that compare ES runs bit for bit use
-    this scorer.
+    this scorer. One thread too, whatever the test's environment, so that scorers started elsewhere
+    with the same two flags (the SLURM replicas of test_multinode.py) score every text alike.
     """
     logs = tmp_path_factory.mktemp("exact-scorer")
     with start_scorer(
         toy_models / "reward",
         toy_models / "cost",
         logs / "address.json",
-        extra_args=["--max-batch-size", "1"],
+        extra_args=["--max-batch-size", "1", "--num-threads", "1"],
         log_file=logs / "scorer.log",
     ) as proc:
         yield proc

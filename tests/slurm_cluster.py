@@ -9,6 +9,8 @@ written (``SLURM_CONF`` points the clients at it), so several clusters can run s
 The nodes have distinct loopback addresses (``NodeAddr=127.0.0.11``, ``127.0.0.12``) that no
 DNS knows: job scripts must take a node's address from ``scontrol show node`` as on a real
 cluster. (Not 127.0.0.1: Ray rewrites exactly that address into the machine's outward one.)
+Each node offers 2 CPU slots (CPUS_PER_NODE), and a batch job starts as soon as it is submitted
+(``batch_sched_delay=0``; SLURM's default waits for its scheduler's next pass, up to 3 s a job).
 
     with SlurmCluster.start(tmp_path) as cluster:
         job = cluster.sbatch("slurm/train_persona.sh", "--total_steps", "1", nodes=2, env=env)
@@ -33,6 +35,11 @@ import psutil
 SBIN = "/usr/sbin"
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 NODE_ADDRS = ("127.0.0.11", "127.0.0.12")
+# Each node is this machine, which CI gives 2 cores: 2 CPU slots per node let a job of several tasks
+# (the scorer's replicas) and a 1-node trainer job beside it be scheduled as on a real cluster, with no
+# --overcommit. The jobs themselves ask for one CPU per task (SlurmCluster.sbatch). The slurm.conf's
+# SlurmdParameters=config_overrides keeps a node with fewer cores than that usable (not drained).
+CPUS_PER_NODE = 2
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}  # fmt: skip
 
@@ -59,7 +66,7 @@ def free_port() -> int:
 def _conf(root: Path, ctld_port: int, node_ports: list[int]) -> str:
     host = socket.gethostname().split(".")[0]
     nodes = "\n".join(
-        f"NodeName=n{i + 1} NodeHostname={host} NodeAddr={NODE_ADDRS[i]} CPUs=1 RealMemory=4000 Port={port}"
+        f"NodeName=n{i + 1} NodeHostname={host} NodeAddr={NODE_ADDRS[i]} CPUs={CPUS_PER_NODE} RealMemory=4000 Port={port}"
         for i, port in enumerate(node_ports)
     )
     return f"""\
@@ -75,10 +82,12 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+SchedulerParameters=batch_sched_delay=0
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
+SlurmdParameters=config_overrides
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -200,12 +209,14 @@ class SlurmCluster:
 
     # -- jobs ------------------------------------------------------------------------------
     def sbatch(self, script: str | Path, *args: str, nodes: int, env: Mapping[str, str], cwd: Path,
-               output: Path, extra: tuple[str, ...] = ()) -> int:  # fmt: skip
+               output: Path, ntasks: int | None = None, extra: tuple[str, ...] = ()) -> int:  # fmt: skip
         """Submit ``script`` from ``cwd`` (the job's SLURM_SUBMIT_DIR) with ``env`` exported (plus
         this cluster's SLURM_CONF); resource requests fit the test nodes whatever the header asks
-        (one task and CPU per node, no GPUs). Returns the job id."""
-        cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
-               "--mem=500M", "--gres=none", "--time=20", f"--output={output}", *extra, str(script), *args]  # fmt: skip
+        (one CPU per task, one task per node or ``ntasks`` spread over the nodes, no GPUs; ``extra``
+        flags come after these, so they win). Returns the job id."""
+        tasks = f"--ntasks={ntasks}" if ntasks else "--ntasks-per-node=1"
+        cmd = ["sbatch", "--parsable", f"--nodes={nodes}", tasks, "--cpus-per-task=1", "--mem=500M",
+               "--gres=none", "--time=20", f"--output={output}", *extra, str(script), *args]  # fmt: skip
         job_env = {**env, "SLURM_CONF": self.env["SLURM_CONF"], "PATH": self.env["PATH"]}
         proc = subprocess.run(cmd, env=job_env, cwd=cwd, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
@@ -230,8 +241,34 @@ class SlurmCluster:
             if time.monotonic() > deadline:
                 self._run(["scancel", str(job_id)], check=False)
                 raise TimeoutError(f"job {job_id} still {state} after {timeout} s (cancelled)")
-            time.sleep(0.5)
+            time.sleep(0.2)
         return state
 
     def scancel(self, job_id: int) -> None:
         self._run(["scancel", str(job_id)])
+
+
+# -- what a job leaves behind ---------------------------------------------------------------------
+def job_processes(marker: str) -> list[str]:
+    """Live processes started by a job submitted with ``ALIGNMENT_TEST_JOB=marker`` in its environment,
+    which every process of the job inherits: the script, srun tasks, `ray start`, raylets, GCS, the
+    actors (whose command line Ray rewrites to ``ray::EngineActor``), trainers, torchrun ranks."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if (
+                proc.info["status"] != psutil.STATUS_ZOMBIE
+                and proc.environ().get("ALIGNMENT_TEST_JOB") == marker
+            ):
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:160]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_nothing_left(env: Mapping[str, str], timeout: float = 30) -> None:
+    """Fails naming every process of the job (``env``'s marker) still alive after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (left := job_processes(env["ALIGNMENT_TEST_JOB"])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "processes outlived the job:\n" + "\n".join(left)

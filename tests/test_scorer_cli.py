@@ -129,6 +129,16 @@ def test_script_as_an_srun_task_takes_the_port_of_its_local_rank(toy_models: Pat
     assert "replica 3 on" in out.decode(errors="replace")
 
 
+def test_script_refuses_nodeaddr_outside_slurm(tmp_path: Path):
+    """SCORER_HOST=nodeaddr means the node's SLURM NodeAddr (tests/test_multinode.py runs it in a
+    job); outside a job there is none, and the script says so before loading anything."""
+    env = {**ENV, "SCORER_HOST": "nodeaddr", "LOG_DIR": str(tmp_path)}
+    env.pop("SLURMD_NODENAME", None)
+    proc = subprocess.run(["bash", "slurm/run_scorer_service.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "SCORER_HOST=nodeaddr needs a SLURM job" in proc.stderr, proc.stderr
+
+
 def test_script_refuses_one_address_file_for_several_replicas(tmp_path: Path):
     env = {**ENV, "SCORER_REPLICAS": "3", "SCORER_ADDRESS_FILE": str(tmp_path / "a.json"),
            "LOG_DIR": str(tmp_path)}  # fmt: skip
