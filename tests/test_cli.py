@@ -113,9 +113,12 @@ def quiet_cli(monkeypatch: pytest.MonkeyPatch):
     """In-process runs of CLIs: keep the thread count and the root logger as they were."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads()))
     threads, handlers = torch.get_num_threads(), list(logging_root().handlers)
+    filters = {h: list(h.filters) for h in handlers}  # pytest's capture handlers live across tests
     yield
     torch.set_num_threads(threads)
     logging_root().handlers[:] = handlers
+    for handler, kept in filters.items():
+        handler.filters[:] = kept
 
 
 def logging_root():

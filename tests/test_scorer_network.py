@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import httpx
+import pytest
 
 from alignment.scoring.client import ScorerClient
 from tests.raw_http import closed_by_peer, connect, read_response, send_request
@@ -80,3 +81,24 @@ def test_repeat_filter_holds_back_repeats_reports_them_and_spares_the_access_log
     text = out.getvalue()
     assert text.count("connection") == 4 and text.count("GET /score") == 10
     assert "connection 99 refused [7 more like this" in text
+
+
+def test_repeat_filter_is_taken_off_the_root_handlers_when_the_service_ends():
+    """The service rate-limits the root logger's handlers while it runs. Embedded in a process that owns
+    those handlers (pytest's log capture), a filter left behind would swallow that process's messages."""
+    import logging
+
+    from alignment.scoring.server import repeat_filter
+
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+    root.addHandler(handler)
+    try:
+        with repeat_filter(burst=1, window=60.0) as flt:
+            assert flt in handler.filters
+        assert flt not in handler.filters
+        with pytest.raises(RuntimeError), repeat_filter() as flt:  # a failing service too
+            raise RuntimeError("boom")
+        assert flt not in handler.filters
+    finally:
+        root.removeHandler(handler)

@@ -68,8 +68,8 @@ from alignment.scoring.server import (
     bind,
     default_max_connections,
     guarded_protocol,
-    install_repeat_filter,
     is_loopback,
+    repeat_filter,
 )
 from alignment.scoring.settings import ServiceSettings, parse_args
 
@@ -356,8 +356,11 @@ def serve(settings: ServiceSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_repeat_filter()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with repeat_filter():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     settings = parse_args(argv, prog="scorer_service", description=__doc__)
     if settings.replicas > 1:
         from alignment.scoring.launch import run_replicas

@@ -15,7 +15,7 @@ for ever, normal requests timed out and every failed ``accept`` was logged. Here
   if every one is, the new connection is. 1,100 sockets that sent half a body and stalled used to
   count as busy, so new connections were refused and 310 of 3,643 normal requests failed; now
   each new connection pushes out a stalled one;
-- each log line is let through at most a few times a minute (:class:`RepeatFilter`).
+- each log line is let through at most a few times a minute (:class:`RepeatFilter`, while the service runs).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -206,12 +206,20 @@ class RepeatFilter(logging.Filter):
             return False
 
 
-def install_repeat_filter(burst: int = 5, window: float = 60.0) -> RepeatFilter:
-    """Rate-limit every handler of the root logger (uvicorn's loggers propagate to it here)."""
+@contextlib.contextmanager
+def repeat_filter(burst: int = 5, window: float = 60.0) -> Iterator[RepeatFilter]:
+    """Rate-limit every handler of the root logger (uvicorn's loggers propagate to it here) while the
+    block runs. Taken off again afterwards: the handlers may belong to whoever embeds the service
+    (pytest's log capture does), and a filter left on them would swallow that caller's messages."""
     flt = RepeatFilter(burst, window)
-    for handler in logging.getLogger().handlers:
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
         handler.addFilter(flt)
-    return flt
+    try:
+        yield flt
+    finally:
+        for handler in handlers:
+            handler.removeFilter(flt)
 
 
 class ScorerServer(uvicorn.Server):
