@@ -26,7 +26,7 @@ demo: setup
 	$(OFFLINE) $(PY) -m alignment.demo
 
 # Character diffusion on real text on a CPU (docs/char_diffusion.md): prepare the text, then for each seed
-# pretrain the generator, train the judge and run GRPO, and print the before/after table (about 10
+# pretrain the generator, train the judge and run GRPO, and print the before/after table (about 5
 # minutes a seed on 2 idle cores). Outputs under models/char_diffusion/cpu/. TEXT=any UTF-8 file.
 TEXT ?= ../shared/reference/tiny_shakespeare/input.txt
 SEEDS ?= 1
